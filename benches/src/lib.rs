@@ -1,0 +1,1 @@
+//! Benchmarks live in src/bin; `benches/run` runs them all.

@@ -1,0 +1,2 @@
+//! dm-thin v2 metadata.
+#![forbid(unsafe_code)]
