@@ -8,4 +8,7 @@
 
 pub mod meta;
 
-pub use meta::{MemMetaDevice, MetaBlock, MetaDevice, META_BLOCK_SIZE};
+pub use meta::{
+    os_error, CrashConfig, Fault, FaultyMetaDevice, FileMetaDevice, MemMetaDevice, MetaBlock,
+    MetaDevice, META_BLOCK_SIZE,
+};

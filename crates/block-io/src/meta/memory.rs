@@ -13,8 +13,12 @@ pub struct MemMetaDevice {
 impl MemMetaDevice {
     /// A zero-filled device of `nr_blocks` blocks.
     pub fn new(nr_blocks: u64) -> Self {
-        let blocks = (0..nr_blocks).map(|_| Box::new([0u8; META_BLOCK_SIZE])).collect();
-        Self { blocks: RwLock::new(blocks) }
+        let blocks = (0..nr_blocks)
+            .map(|_| Box::new([0u8; META_BLOCK_SIZE]))
+            .collect();
+        Self {
+            blocks: RwLock::new(blocks),
+        }
     }
 
     /// Grows (never shrinks) the device to `nr_blocks`, with zero-filled new blocks.
@@ -27,7 +31,11 @@ impl MemMetaDevice {
 
     /// A copy of the whole image, as one byte vector.
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.blocks.read().iter().flat_map(|b| b.iter().copied()).collect()
+        self.blocks
+            .read()
+            .iter()
+            .flat_map(|b| b.iter().copied())
+            .collect()
     }
 
     /// A device holding `bytes` (its length rounded down to whole blocks).
@@ -40,7 +48,9 @@ impl MemMetaDevice {
                 b
             })
             .collect();
-        Self { blocks: RwLock::new(blocks) }
+        Self {
+            blocks: RwLock::new(blocks),
+        }
     }
 
     /// Overwrites bytes at `offset` of block `block` (tests use this to inject damage).
@@ -51,9 +61,14 @@ impl MemMetaDevice {
             .ok()
             .and_then(|i| blocks.get_mut(i))
             .ok_or_else(|| out_of_range(block, nr))?;
-        let end = offset.checked_add(bytes.len()).filter(|&e| e <= META_BLOCK_SIZE);
+        let end = offset
+            .checked_add(bytes.len())
+            .filter(|&e| e <= META_BLOCK_SIZE);
         let end = end.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "patch runs past the end of the block")
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "patch runs past the end of the block",
+            )
         })?;
         b[offset..end].copy_from_slice(bytes);
         Ok(())
@@ -77,7 +92,8 @@ impl MetaDevice for MemMetaDevice {
         let mut blocks = self.blocks.write();
         let nr = blocks.len() as u64;
         let b = usize::try_from(block).ok().and_then(|i| blocks.get_mut(i));
-        b.ok_or_else(|| out_of_range(block, nr))?.copy_from_slice(buf);
+        b.ok_or_else(|| out_of_range(block, nr))?
+            .copy_from_slice(buf);
         Ok(())
     }
 

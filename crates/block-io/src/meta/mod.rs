@@ -4,10 +4,14 @@
 //! volatile until `flush` returns: a crash may keep any subset of unflushed writes, and may
 //! tear each of them at 512-byte sector granularity (see `fault`). Nothing here caches.
 
-use std::io;
+use std::{fmt, io};
 
+mod fault;
+mod file;
 mod memory;
 
+pub use fault::{CrashConfig, Fault, FaultyMetaDevice};
+pub use file::FileMetaDevice;
 pub use memory::MemMetaDevice;
 
 /// Size of one metadata block in bytes (dm-thin's metadata block size, 8 sectors).
@@ -46,4 +50,52 @@ pub(crate) fn out_of_range(block: u64, nr_blocks: u64) -> io::Error {
         io::ErrorKind::InvalidInput,
         format!("metadata block {block} is past the end of the device ({nr_blocks} blocks)"),
     )
+}
+
+/// An I/O error together with what was being done. The original error stays as the source,
+/// so the errno a frontend must report is still reachable through `os_error`.
+#[derive(Debug)]
+struct Context {
+    what: String,
+    source: io::Error,
+}
+
+impl fmt::Display for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.what, self.source)
+    }
+}
+
+impl std::error::Error for Context {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// Wraps `source` with a description of the failed operation, keeping its kind.
+pub(crate) fn annotate(source: io::Error, what: impl Into<String>) -> io::Error {
+    io::Error::new(
+        source.kind(),
+        Context {
+            what: what.into(),
+            source,
+        },
+    )
+}
+
+/// The OS error number behind `e`, looking through the context the devices here add.
+///
+/// Devices wrap OS errors to say which block and path failed, which hides
+/// `io::Error::raw_os_error`; a frontend that must report an errno calls this instead.
+pub fn os_error(e: &io::Error) -> Option<i32> {
+    // Bounded because a chain of contexts is only ever one or two deep here.
+    const MAX_DEPTH: usize = 8;
+    let mut cur = e;
+    for _ in 0..MAX_DEPTH {
+        if let Some(errno) = cur.raw_os_error() {
+            return Some(errno);
+        }
+        cur = &cur.get_ref()?.downcast_ref::<Context>()?.source;
+    }
+    None
 }
