@@ -304,12 +304,16 @@ impl Core {
     }
 
     /// A shared holder asks to become the upgradable holder; refused, and left shared, when
-    /// another holder is upgradable or exclusive or a granted fence covers the key.
+    /// another holder is upgradable or exclusive or a range or thin lock covering the key is
+    /// registered (granted or not).
     ///
     /// Conversions never wait: two shared holders waiting to upgrade would wait for each other.
+    /// Refusing under a registered fence, rather than only a granted one, keeps fences simple
+    /// (a part once granted stays granted) and fair: holders that arrived after the fence
+    /// cannot keep re-entering its way by upgrading; the refused holder's retry queues behind it.
     pub(crate) fn try_upgradable(&mut self, cell: CellId, access: Access) -> bool {
         let c = &self.cells[cell as usize];
-        if c.upgradable || c.exclusive.is_some() || self.granted_fence_covers(c.key) {
+        if c.upgradable || c.exclusive.is_some() || self.fence_covers(c.key) {
             return false;
         }
         let c = &mut self.cells[cell as usize];

@@ -9,7 +9,7 @@ use crate::key::Key;
 #[non_exhaustive]
 pub enum Error {
     /// A shared holder asked to upgrade while another holder of the key was already upgradable
-    /// or exclusive (or a granted range or thin lock covers it). Waiting would deadlock if the
+    /// or exclusive, or a range or thin lock covering it was waiting or held. Waiting would deadlock if the
     /// other holder is itself waiting for this one to drain, so the shared lock has been
     /// released instead: take it again and look the block up afresh, because the other holder
     /// has probably changed its mapping.

@@ -14,7 +14,9 @@
 //! - A request arriving after a fence (larger `seq`) and conflicting with it waits for its
 //!   release, whether the fence is granted yet or not: a waiting fence holds back later
 //!   requests as a waiting exclusive lock does, so quiescing cannot starve.
-//! - Conversions by holders a fence already waits for are not held back by it.
+//! - An upgradable or exclusive holder a fence already waits for may still convert; a shared
+//!   holder may not become upgradable under any covering fence (see `Core::try_upgradable`).
+//!   So a part's holders only ever lose conflicts once it is granted.
 //! - The common single-block path pays for fences only with `fences.is_empty()`.
 
 use std::task::Waker;
@@ -108,9 +110,10 @@ impl Core {
                 .any(|f| f.seq < seq && f.covers(key) && Mode::Exclusive(f.level).conflicts(mode))
     }
 
-    /// Whether a granted fence covers `key` (every fence conflicts with an upgradable holder).
-    pub(crate) fn granted_fence_covers(&self, key: Key) -> bool {
-        self.fences.iter().any(|f| f.granted && f.covers(key))
+    /// Whether a registered fence covers `key` (every fence conflicts with an upgradable
+    /// holder).
+    pub(crate) fn fence_covers(&self, key: Key) -> bool {
+        !self.fences.is_empty() && self.fences.iter().any(|f| f.covers(key))
     }
 
     /// Registers this shard's part of a fence; it may be granted at once (see `wakes`).

@@ -86,8 +86,8 @@ impl<'a> SharedGuard<'a> {
     }
 
     /// Becomes the upgradable holder without waiting, or gives the shared guard back when
-    /// another holder is already upgradable or exclusive (or a granted range or thin lock
-    /// covers the key).
+    /// another holder is already upgradable or exclusive, or a range or thin lock covering the
+    /// key is waiting or held.
     pub fn try_upgradable(self) -> std::result::Result<UpgradableGuard<'a>, SharedGuard<'a>> {
         let held = self.held;
         let access = self.access();
@@ -108,9 +108,9 @@ impl<'a> SharedGuard<'a> {
     ///
     /// The returned future completes once the other shared holders that `level` conflicts
     /// with have drained; meanwhile new ones are held back. If another holder is already
-    /// upgrading, this fails at once with [`Error::UpgradeRaced`] and releases the shared lock
-    /// (waiting could deadlock with that holder, which waits for us to drain): take the lock
-    /// again and redo the lookup.
+    /// upgrading (or a range or thin lock covers the key), this fails at once with
+    /// [`Error::UpgradeRaced`] and releases the shared lock (waiting could deadlock with that
+    /// holder, which waits for us to drain): take the lock again and redo the lookup.
     pub fn upgrade(self, level: Level) -> Result<Convert<'a>> {
         match self.try_upgradable() {
             Ok(upgradable) => Ok(upgradable.upgrade(level)),

@@ -446,15 +446,27 @@ fn dropping_a_waiting_fence_lets_held_back_requests_through() {
 }
 
 #[test]
-fn holders_a_fence_waits_for_may_still_upgrade() {
+fn under_a_waiting_fence_upgradable_holders_convert_but_shared_ones_cannot_upgrade() {
     let p = Prison::new();
-    let s = now(p.shared(k(1), W));
+    let u = now(p.upgradable(k(1)));
+    let s = now(p.shared(k(2), W));
     let mut fence = Probe::new(p.exclusive_thin(ThinId(1), LRW));
     fence.pending();
-    let ex = now(s.upgrade(LRW).expect("no other upgrader"));
+    let ex = now(u.upgrade(LRW));
+    let s = s
+        .try_upgradable()
+        .expect_err("a registered fence refuses new upgraders");
+    match s.upgrade(LRW) {
+        Err(Error::UpgradeRaced { key }) => assert_eq!(key, k(2)),
+        other => panic!("expected a lost race, got {other:?}"),
+    }
+    let mut retry = Probe::new(p.shared(k(2), W));
+    retry.pending(); // queues behind the fence
     let s = ex.downgrade(W);
     drop(s);
+    assert!(fence.woken());
     drop(fence.ready());
+    drop(retry.ready());
     done(&p);
 }
 
