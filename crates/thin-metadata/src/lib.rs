@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod btree;
+pub mod check;
 mod commit;
 pub mod error;
 pub mod format;

@@ -1,0 +1,1 @@
+//! Offline check of a metadata device (being written; see the API below).
