@@ -1,7 +1,7 @@
 //! Insertion: one top-down pass that copies the path and splits full nodes before entering
 //! them, so a split never has to propagate upwards.
 
-use super::{dec_value, shadow, too_deep, TreeKind, MAX_HEIGHT};
+use super::{dec_value, redistribute, shadow, shadow_child, too_deep, TreeKind, MAX_HEIGHT};
 use crate::error::{Error, Result};
 use crate::format::{Node, NodeKind};
 use crate::store::Store;
@@ -57,18 +57,9 @@ pub(crate) fn insert(
                         0
                     }
                 };
-                let child = node.value_u64(i);
-                let c = shadow(s, child, tree)?;
-                if c != child {
-                    s.node_mut(b).set_value(i, &c.to_le_bytes());
-                }
+                let c = shadow_child(s, b, i, tree)?;
                 b = if s.dirty_node(c).is_full() {
-                    let sibling = split_child(s, b, i, c)?;
-                    if key >= s.dirty_node(sibling).keys[0] {
-                        sibling
-                    } else {
-                        c
-                    }
+                    make_room(s, b, i, c, key, tree)?
                 } else {
                     c
                 };
@@ -76,6 +67,43 @@ pub(crate) fn insert(
         }
     }
     Err(too_deep(root, &[b]))
+}
+
+/// A sibling takes part in rebalancing only if that frees at least this many slots' worth
+/// of room (half of it ends up in the full child); below it, splitting is cheaper.
+const MIN_SIBLING_ROOM: usize = 8;
+
+/// Makes room in the full child `c` (entry `i` of `parent`): share entries with a sibling
+/// that has room, else split. Sharing first is what keeps leaves nearly full under
+/// sequential inserts (a plain half split would leave every leaf half empty), the same
+/// choice as the kernel's `rebalance_or_split`. Returns the child that now covers `key`.
+fn make_room(
+    s: &mut Store,
+    parent: u64,
+    i: usize,
+    c: u64,
+    key: u64,
+    tree: TreeKind,
+) -> Result<u64> {
+    let nr_children = s.dirty_node(parent).nr_entries();
+    let has_room = |s: &Store, j: usize| -> Result<bool> {
+        let n = s.read_node(s.dirty_node(parent).value_u64(j), tree.value_size())?;
+        Ok(n.max_entries() - n.nr_entries() >= MIN_SIBLING_ROOM)
+    };
+    if i > 0 && has_room(s, i - 1)? {
+        let l = shadow_child(s, parent, i - 1, tree)?;
+        return Ok(redistribute(s, parent, i - 1, l, c, key));
+    }
+    if i + 1 < nr_children && has_room(s, i + 1)? {
+        let r = shadow_child(s, parent, i + 1, tree)?;
+        return Ok(redistribute(s, parent, i, c, r, key));
+    }
+    let sibling = split_child(s, parent, i, c)?;
+    Ok(if key >= s.dirty_node(sibling).keys[0] {
+        sibling
+    } else {
+        c
+    })
 }
 
 /// Splits the full root in place: its entries move to two new children and it becomes an

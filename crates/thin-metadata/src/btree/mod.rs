@@ -126,6 +126,43 @@ fn inc_children(s: &mut Store, node: &Node, tree: TreeKind) -> Result<()> {
     Ok(())
 }
 
+/// Entry `i` of dirty node `parent` made writable: returns where the child's copy lives and
+/// points the parent at it.
+pub(crate) fn shadow_child(s: &mut Store, parent: u64, i: usize, tree: TreeKind) -> Result<u64> {
+    let child = s.dirty_node(parent).value_u64(i);
+    let c = shadow(s, child, tree)?;
+    if c != child {
+        s.node_mut(parent).set_value(i, &c.to_le_bytes());
+    }
+    Ok(c)
+}
+
+/// Evens out the entries of the writable siblings `l` and `r`, entries `li` and `li + 1` of
+/// `parent`, and updates the parent's key for `r`. Returns the one that now covers `key`.
+pub(crate) fn redistribute(s: &mut Store, parent: u64, li: usize, l: u64, r: u64, key: u64) -> u64 {
+    let (nl, nr) = (s.dirty_node(l).nr_entries(), s.dirty_node(r).nr_entries());
+    let target_left = (nl + nr) / 2;
+    if nl > target_left {
+        let mut moved = s.node_mut(l).split_off(target_left);
+        let right = s.node_mut(r);
+        moved.append(right);
+        *right = moved;
+    } else if nl < target_left {
+        let right = s.node_mut(r);
+        let mut rest = right.split_off(target_left - nl);
+        std::mem::swap(right, &mut rest);
+        // `rest` now holds the entries moving left.
+        s.node_mut(l).append(&mut rest);
+    }
+    let rkey = s.dirty_node(r).keys[0];
+    s.node_mut(parent).keys[li + 1] = rkey;
+    if key >= rkey {
+        r
+    } else {
+        l
+    }
+}
+
 /// A new empty tree; returns its root.
 pub(crate) fn new_tree(s: &mut Store, tree: TreeKind) -> Result<u64> {
     s.new_node(Node::new(NodeKind::Leaf, tree.value_size()))

@@ -3,7 +3,8 @@
 //! entries out of the leaf never leaves an underfull node behind.
 
 use super::MAX_HEIGHT;
-use super::{child_index, dec_value, lookup, next_entry, shadow, too_deep, TreeKind, Value};
+use super::{child_index, dec_value, lookup, next_entry, redistribute, shadow, shadow_child};
+use super::{too_deep, TreeKind, Value};
 use crate::error::{Error, Result};
 use crate::format::NodeKind;
 use crate::store::Store;
@@ -134,32 +135,7 @@ fn make_child_removable(
         s.dec_meta(r)?;
         return Ok(l);
     }
-    let target_left = (nl + nr) / 2;
-    if nl > target_left {
-        let mut moved = s.node_mut(l).split_off(target_left);
-        let right = s.node_mut(r);
-        moved.append(right);
-        *right = moved;
-    } else {
-        let take = target_left - nl;
-        let right = s.node_mut(r);
-        let mut rest = right.split_off(take);
-        std::mem::swap(right, &mut rest);
-        // `rest` now holds the entries moving left.
-        s.node_mut(l).append(&mut rest);
-    }
-    let rkey = s.dirty_node(r).keys[0];
-    s.node_mut(parent).keys[li + 1] = rkey;
-    Ok(if key >= rkey { r } else { l })
-}
-
-fn shadow_child(s: &mut Store, parent: u64, i: usize, tree: TreeKind) -> Result<u64> {
-    let child = s.dirty_node(parent).value_u64(i);
-    let c = shadow(s, child, tree)?;
-    if c != child {
-        s.node_mut(parent).set_value(i, &c.to_le_bytes());
-    }
-    Ok(c)
+    Ok(redistribute(s, parent, li, l, r, key))
 }
 
 /// While the root is an internal node with a single child, the child becomes the root.
