@@ -150,8 +150,27 @@ impl Node {
 
     /// Encodes the node into `b` for block `location`, sealed.
     pub fn encode_into(&self, b: &mut MetaBlock, location: u64) {
+        // Validation before every write: a node that breaks the format must never reach the
+        // disk, whatever bug produced it. Cheap next to the checksum, so kept in release.
         let max = self.max_entries();
-        assert!(self.keys.len() <= max, "node overfull");
+        assert!(
+            self.keys.len() <= max,
+            "node for block {location} is overfull"
+        );
+        assert_eq!(
+            self.values.len(),
+            self.keys.len() * self.value_size,
+            "node values misaligned"
+        );
+        assert!(
+            self.kind == NodeKind::Leaf || self.value_size == 8,
+            "internal node with {}-byte values",
+            self.value_size
+        );
+        assert!(
+            self.keys.windows(2).all(|w| w[0] < w[1]),
+            "node for block {location} has keys out of order"
+        );
         b.fill(0);
         let flags = match self.kind {
             NodeKind::Internal => INTERNAL_FLAG,
