@@ -230,27 +230,38 @@ impl ThinMetadata {
         Ok(self.remove_range(thin, vblock, VBlock(vblock.0.saturating_add(1)))? == 1)
     }
 
-    /// Unmaps every block of `thin` in `[begin, end)`; returns how many were mapped.
+    /// Unmaps every block of `thin` in `[begin, end)`; returns how many were mapped. If
+    /// metadata space runs low part way (a range shared with a snapshot needs copies), it
+    /// stops between batches with `NoSpace(Metadata)`, having removed a prefix of the range.
     pub fn remove_range(&self, thin: ThinId, begin: VBlock, end: VBlock) -> Result<u64> {
         self.change_with_headroom(
             |inner| inner.thin(thin).map(drop),
             |inner| {
                 let root = inner.thin(thin)?.root;
-                let (root, n) = btree::remove_range(
+                // Removing from a tree shared with a snapshot copies leaves: stop between
+                // batches rather than run out of metadata space half way through one.
+                let (root, n, done) = btree::remove_range(
                     &mut inner.store,
                     root,
                     begin.0,
                     end.0,
                     TreeKind::MappingBottom,
                     true,
+                    |s| s.meta_sm.nr_free() >= s.meta_reserve + OP_HEADROOM,
                 )?;
                 let t = inner.thin_mut(thin)?;
                 t.root = root;
                 t.details.mapped_blocks = t.details.mapped_blocks.saturating_sub(n);
                 t.dirty |= n > 0;
-                Ok(n)
+                Ok((n, done))
             },
         )
+        .and_then(|(n, done)| match done {
+            true => Ok(n),
+            // The tree is complete and valid (no poisoning); only a prefix of the range is
+            // gone.
+            false => Err(Error::NoSpace(Space::Metadata)),
+        })
     }
 
     /// Creates an empty thin.

@@ -28,7 +28,9 @@ pub(crate) fn remove(
     Ok((root, removed))
 }
 
-/// Removes every key in `[begin, end)`; returns the new root and how many were removed.
+/// Removes every key in `[begin, end)`; returns the new root, how many were removed, and
+/// whether the whole range is done. Between batches (each leaves a complete, valid tree) it
+/// asks `keep_going`, so a caller can stop before a huge range uses up its metadata space.
 pub(crate) fn remove_range(
     s: &mut Store,
     mut root: u64,
@@ -36,10 +38,14 @@ pub(crate) fn remove_range(
     end: u64,
     tree: TreeKind,
     dec: bool,
-) -> Result<(u64, u64)> {
+    mut keep_going: impl FnMut(&Store) -> bool,
+) -> Result<(u64, u64, bool)> {
     let mut nr_removed = 0u64;
     let mut from = begin;
     while from < end {
+        if !keep_going(s) {
+            return Ok((root, nr_removed, false));
+        }
         let Some((k, _)) = next_entry(s, root, tree, from)? else {
             break;
         };
@@ -49,7 +55,7 @@ pub(crate) fn remove_range(
         root = remove_run(s, root, k, end, tree, dec, |_, _| nr_removed += 1)?;
         from = k + 1;
     }
-    Ok((root, nr_removed))
+    Ok((root, nr_removed, true))
 }
 
 /// Descends to the leaf holding `first` (which must exist) and removes the run of keys in
