@@ -186,11 +186,15 @@ impl Store {
         Ok(left)
     }
 
-    /// Moves nodes of a finished commit into the clean cache.
+    /// Moves nodes of a finished commit into the clean cache, except those the next
+    /// transaction has freed meanwhile (their blocks stay blocked until it commits, so a
+    /// freed node cannot have been reallocated yet).
     pub fn commit_finished(&mut self) {
         let mut cache = self.cache.lock();
         for (b, n) in self.committing.drain() {
-            cache.insert(b, n);
+            if self.meta_sm.get(b) > 0 {
+                cache.insert(b, n);
+            }
         }
     }
 }
