@@ -1,6 +1,7 @@
 //! The futures work on any executor: a hand-rolled one that polls only woken tasks (so a lost
 //! wake-up shows as tasks left with nothing to run), smol's `LocalExecutor` as libublk uses
 //! it, and tokio's multi-threaded runtime, where tasks move between threads between polls.
+#![cfg(not(loom))] // loom's mutex only works inside loom::model: see tests/loom.rs
 
 mod common;
 

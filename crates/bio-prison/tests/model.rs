@@ -8,6 +8,7 @@
 //!
 //! Replay a failure with `PRISON_SEED=<seed> cargo test -p bio-prison --test model`;
 //! `PRISON_MODEL_SEEDS` sets how many seeds a run tries.
+#![cfg(not(loom))] // loom's mutex only works inside loom::model: see tests/loom.rs
 
 mod common;
 

@@ -9,6 +9,7 @@
 //!
 //! Seeded (`PRISON_SEED`) for the choice of operations; thread interleaving is not replayable,
 //! so a failure prints the seed and the prison's state. `PRISON_STRESS_OPS` scales the run.
+#![cfg(not(loom))] // loom's mutex only works inside loom::model: see tests/loom.rs
 
 mod common;
 
