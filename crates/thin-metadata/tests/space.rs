@@ -30,7 +30,7 @@ fn metadata_exhaustion_refuses_changes_but_commits_still_work() {
                 break e;
             }
         }
-        if mapped % 1000 == 0 {
+        if mapped.is_multiple_of(1000) {
             md.commit()
                 .expect("commits keep working while space shrinks");
         }
@@ -62,7 +62,7 @@ fn huge_discard_of_a_shared_tree_stops_cleanly_when_metadata_runs_low() {
         let b = md.alloc_data_block().expect("data");
         md.insert(ThinId(0), VBlock(mapped), b).expect("insert");
         mapped += 1;
-        if mapped % 2000 == 0 {
+        if mapped.is_multiple_of(2000) {
             md.commit().expect("commit");
         }
     }
