@@ -4,8 +4,23 @@
 //! holder) and liveness of the bookkeeping (nothing still waits that could be granted: such a
 //! waiter would never be woken).
 
+use std::fmt;
+
 use crate::core::{Core, NIL};
-use crate::key::{Mode, ALL_MODES, NR_MODES};
+use crate::key::{Key, Mode, ALL_MODES, NR_MODES};
+
+/// Where a check failed, formatted only if it does.
+struct At {
+    shard: usize,
+    cell: usize,
+    key: Key,
+}
+
+impl fmt::Display for At {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "shard {} cell {} ({})", self.shard, self.cell, self.key)
+    }
+}
 
 impl Core {
     pub(crate) fn check(&self, shard: usize) {
@@ -16,7 +31,11 @@ impl Core {
         );
         let mut nr_queued = 0;
         for (id, c) in self.cells.iter() {
-            let at = format!("shard {shard} cell {id} ({})", c.key);
+            let at = At {
+                shard,
+                cell: id,
+                key: c.key,
+            };
             assert_eq!(
                 self.index.get(&c.key),
                 Some(&(id as u32)),

@@ -300,20 +300,20 @@ fn many_threads_many_tasks_no_conflict_no_stall() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(if cfg!(miri) { 8 } else { 3000 });
     let (nr_threads, nr_tasks) = if cfg!(miri) { (2, 3) } else { (3, 8) };
-    // Leaked so that threads stuck by a bug can be left behind: the watchdog must be able to
-    // fail the test instead of hanging in a join.
-    let prison: &'static Prison = Box::leak(Box::new(Prison::with_shards(4)));
-    let ledger: &'static Ledger = Box::leak(Box::new(Ledger::new()));
+    // Shared by `Arc` and threads left unjoined until they finish, so that threads stuck by a
+    // bug can be left behind: the watchdog must fail the test instead of hanging in a join.
+    let prison = Arc::new(Prison::with_shards(4));
+    let ledger = Arc::new(Ledger::new());
     let nr_done = Arc::new(AtomicU32::new(0));
     let threads: Vec<_> = (0..nr_threads)
         .map(|t| {
-            let nr_done = nr_done.clone();
+            let (prison, ledger, nr_done) = (prison.clone(), ledger.clone(), nr_done.clone());
             std::thread::spawn(move || {
                 let exe = LocalExecutor::new();
                 let tasks: Vec<_> = (0..nr_tasks)
                     .map(|i| {
                         let rng = Rng(seed ^ ((t * 1000 + i) as u64).wrapping_mul(0x9e37_79b9));
-                        exe.spawn(task(prison, ledger, rng, nr_ops))
+                        exe.spawn(task(&prison, &ledger, rng, nr_ops))
                     })
                     .collect();
                 future::block_on(exe.run(async {

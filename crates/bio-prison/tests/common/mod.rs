@@ -90,10 +90,12 @@ pub fn now<F: Future>(fut: F) -> F::Output {
     }
 }
 
-/// The seed for a randomized test: `PRISON_SEED` if set, else one from the clock.
+/// The seed for a randomized test: `PRISON_SEED` if set, else one from the clock (a fixed one
+/// under miri, whose isolation hides the clock).
 pub fn seed() -> u64 {
     match std::env::var("PRISON_SEED") {
         Ok(s) => s.trim().parse().expect("PRISON_SEED must be a u64"),
+        Err(_) if cfg!(miri) => 0x5eed,
         Err(_) => std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
