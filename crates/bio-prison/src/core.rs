@@ -50,7 +50,8 @@ pub(crate) struct Cell {
     pub(crate) nr_shared: [u32; 2],
     pub(crate) upgradable: bool,
     pub(crate) exclusive: Option<Level>,
-    pub(crate) conversion: Option<Conversion>,
+    /// Boxed: conversions are rare and the cell stays within a cache line without it.
+    pub(crate) conversion: Option<Box<Conversion>>,
     pub(crate) head: WaiterId,
     pub(crate) tail: WaiterId,
     /// Queued waiters, indexed by `Mode::index`.
@@ -340,11 +341,11 @@ impl Core {
             c.exclusive = Some(target);
             return true;
         }
-        c.conversion = Some(Conversion {
+        c.conversion = Some(Box::new(Conversion {
             target,
             granted: false,
             waker: Some(waker.clone()),
-        });
+        }));
         false
     }
 
@@ -392,7 +393,10 @@ impl Core {
 
     /// Grants whatever a change to `cell` made grantable, then frees it if unused.
     pub(crate) fn settle(&mut self, cell: CellId) {
-        self.settle_cell(cell);
+        let c = &self.cells[cell as usize];
+        if c.head != NIL || c.conversion.is_some() {
+            self.settle_cell(cell);
+        }
         if !self.fences.is_empty() {
             self.settle_fences();
         }
