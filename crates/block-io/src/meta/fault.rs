@@ -319,8 +319,7 @@ impl MetaDevice for FaultyMetaDevice {
 }
 
 fn image_of(blocks: &[Box<MetaBlock>]) -> MemMetaDevice {
-    let bytes: Vec<u8> = blocks.iter().flat_map(|b| b.iter().copied()).collect();
-    MemMetaDevice::from_bytes(&bytes)
+    MemMetaDevice::from_blocks(blocks.to_vec())
 }
 
 fn probability(p: f64) -> f64 {

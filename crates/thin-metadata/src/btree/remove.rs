@@ -22,7 +22,7 @@ pub(crate) fn remove(
         return Ok((root, None));
     }
     let mut removed = None;
-    let root = remove_run(s, root, key, key + 1, tree, dec, |_, v| {
+    let root = remove_run(s, root, key, key.saturating_add(1), tree, dec, |_, v| {
         removed = Some(Value::new(v))
     })?;
     Ok((root, removed))
@@ -53,7 +53,11 @@ pub(crate) fn remove_range(
             break;
         }
         root = remove_run(s, root, k, end, tree, dec, |_, _| nr_removed += 1)?;
-        from = k + 1;
+        // `remove_run` always removes `first`, so even u64::MAX (end exclusive) goes.
+        match k.checked_add(1) {
+            Some(next) => from = next,
+            None => break,
+        }
     }
     Ok((root, nr_removed, true))
 }
