@@ -96,6 +96,11 @@ impl<R: RingSubmitter> UringDataDevice<R> {
         self.discard_policy = policy;
     }
 
+    /// The ring it submits on.
+    pub fn ring(&self) -> &R {
+        &self.ring
+    }
+
     /// The open data device.
     pub fn file(&self) -> &Arc<DataFile> {
         &self.file
