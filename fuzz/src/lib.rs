@@ -12,6 +12,7 @@
 
 use block_io::{MemMetaDevice, MetaBlock, META_BLOCK_SIZE};
 use std::sync::{Arc, OnceLock};
+use thin_metadata::check::{check, CheckOptions};
 use thin_metadata::format::{
     self, decode_bitmap, decode_metadata_index, encode_bitmap, unpack_block_time, IndexEntry, Node,
     SmRoot, Superblock, BITMAP_CSUM_XOR, BTREE_CSUM_XOR, INDEX_CSUM_XOR, SUPERBLOCK_CSUM_XOR,
@@ -213,13 +214,13 @@ impl Input<'_> {
     }
 }
 
-/// Damages the base image as `data` says, opens it, and reads everything it can.
+/// The base image damaged as `data` says, and the virtual blocks to look up.
 ///
 /// The input is a list of patches: block selector (u8, an index into the used blocks),
 /// offset (u16), flags (u8: bits 0..6 the length, bit 7 "re-seal"), then the bytes. A re-sealed
 /// block gets a valid checksum for the type it had, so the damage reaches the code behind
-/// checksum verification.
-pub fn open_metadata(data: &[u8]) {
+/// checksum verification. What is left of the input after the patches picks the lookups.
+pub fn damaged_image(data: &[u8]) -> (Vec<u8>, Vec<u64>) {
     let base = base_image();
     let mut bytes = base.bytes.clone();
     let mut input = Input(data);
@@ -250,19 +251,49 @@ pub fn open_metadata(data: &[u8]) {
             format::seal(b, salt);
         }
     }
-    // What is left of the input picks the blocks to look up.
-    let probes: Vec<u64> = input
+    let probes = input
         .0
         .chunks(2)
         .take(64)
         .map(|c| u64::from(c[0]) | u64::from(c.get(1).copied().unwrap_or(0)) << 8)
         .collect();
+    (bytes, probes)
+}
 
+/// Damages the base image as `data` says (see `damaged_image`), opens it, and reads
+/// everything it can.
+pub fn open_metadata(data: &[u8]) {
+    let (bytes, probes) = damaged_image(data);
     let dev = Arc::new(MemMetaDevice::from_bytes(&bytes));
     let Ok(md) = ThinMetadata::open(dev) else {
         return;
     };
     read_everything(&md, &probes);
+}
+
+/// Damages the base image as `data` says and runs the offline checker on it, with and
+/// without the mapping trees. The checker must not panic, and metadata it calls clean must
+/// open: otherwise one of the two is wrong about what valid metadata is.
+pub fn check_metadata(data: &[u8]) {
+    let (bytes, _) = damaged_image(data);
+    let dev = Arc::new(MemMetaDevice::from_bytes(&bytes));
+    let fast = check(
+        &*dev,
+        &CheckOptions {
+            skip_mappings: true,
+            ..CheckOptions::default()
+        },
+    );
+    let full = check(&*dev, &CheckOptions::default());
+    if full.is_clean() {
+        assert!(
+            fast.is_clean(),
+            "a full check is clean but a fast one is not"
+        );
+        if let Err(e) = ThinMetadata::open(dev) {
+            panic!("the checker finds nothing wrong, but open fails: {e}");
+        }
+    }
 }
 
 /// Every read path of opened (possibly damaged) metadata, bounded. Only panics count as

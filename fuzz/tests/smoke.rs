@@ -9,7 +9,7 @@
 
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use ublk_thin_fuzz::{base_image, decode_blocks, open_metadata, to_block, SALTS};
+use ublk_thin_fuzz::{base_image, check_metadata, decode_blocks, open_metadata, to_block, SALTS};
 
 const DEFAULT_CASES: u64 = 3000;
 
@@ -121,10 +121,18 @@ fn open_metadata_smoke() {
 }
 
 #[test]
-fn undamaged_base_image_opens() {
+fn check_metadata_smoke() {
+    run("check_metadata", patch_list, check_metadata);
+}
+
+#[test]
+fn undamaged_base_image_opens_and_checks_clean() {
     // An empty patch list opens the base image as it is: the harness reaches the read paths.
     let dev = std::sync::Arc::new(block_io::MemMetaDevice::from_bytes(&base_image().bytes));
     let md = thin_metadata::ThinMetadata::open(dev).expect("the base image opens");
     assert_eq!(md.thins().len(), 3);
+    let report = thin_metadata::check::check(&*md.device().clone(), &Default::default());
+    assert!(report.is_clean(), "the base image checks clean: {report:?}");
     open_metadata(&[]);
+    check_metadata(&[]);
 }
