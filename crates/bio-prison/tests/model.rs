@@ -6,8 +6,9 @@
 //! no pending conversion and no earlier waiting request. The prison must agree exactly: a
 //! future completes if and only if the model granted it, and its waker was woken when it was.
 //!
-//! Replay a failure with `PRISON_SEED=<seed> cargo test -p bio-prison --test model`;
-//! `PRISON_MODEL_SEEDS` sets how many seeds a run tries.
+//! A run tries `PRISON_MODEL_SEEDS` (default 100) consecutive seeds from `PRISON_SEED` (default:
+//! the clock). Replay a failure with
+//! `PRISON_SEED=<seed> PRISON_MODEL_SEEDS=1 cargo test -p bio-prison --test model`.
 #![cfg(not(loom))] // loom's mutex only works inside loom::model: see tests/loom.rs
 
 mod common;
@@ -554,12 +555,8 @@ fn prison_agrees_with_model() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(if cfg!(miri) { 2 } else { 100 });
     let nr_ops = if cfg!(miri) { 60 } else { 400 };
-    if std::env::var("PRISON_SEED").is_ok() {
-        let seed = common::seed();
-        let _report = SeedReporter(seed, "prison_agrees_with_model");
-        run_seed(seed, nr_ops);
-        return;
-    }
+    // Seeds `PRISON_SEED`, `PRISON_SEED + 1`, ...: a fixed `PRISON_SEED` makes the run
+    // repeatable, and `PRISON_MODEL_SEEDS=1` replays exactly the seed a failure printed.
     let base = common::seed();
     for i in 0..nr_seeds {
         let seed = base.wrapping_add(i);

@@ -110,7 +110,7 @@ impl Drop for SeedReporter {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!(
-                "{} failed with seed {}: replay with PRISON_SEED={}",
+                "{} failed with seed {}: replay with PRISON_SEED={} PRISON_MODEL_SEEDS=1",
                 self.1, self.0, self.0
             );
         }
