@@ -311,6 +311,15 @@ impl<R: RingSubmitter> UringDataDevice<R> {
     }
 }
 
+impl<R: RingSubmitter> Drop for UringDataDevice<R> {
+    fn drop(&mut self) {
+        // Orphaned I/O holds clones of the file; while it runs, the registration must stay.
+        if Arc::strong_count(&self.file) == 1 {
+            self.ring.forget_file(&self.file);
+        }
+    }
+}
+
 /// iovecs for the bytes of `bufs` after the first `skip`.
 fn iovecs_after(bufs: &mut [IoBuf], skip: usize) -> Vec<libc::iovec> {
     let mut skip = skip;

@@ -80,7 +80,7 @@ pub struct RingStats {
     pub nr_in_flight: usize,
     /// In-flight SQEs whose future was dropped: their memory waits for the CQE.
     pub nr_orphans: usize,
-    /// Files registered in the fixed-file table.
+    /// Slots of the fixed-file table holding a file (the kernel keeps each open).
     pub nr_fixed_files: usize,
 }
 
@@ -165,13 +165,10 @@ impl Reactor {
         RingStats {
             nr_in_flight: self.slots.len(),
             nr_orphans: self.nr_orphans,
-            nr_fixed_files: self.files.as_ref().map_or(0, |files| {
-                files
-                    .iter()
-                    .flatten()
-                    .filter(|s| s.file.strong_count() > 0)
-                    .count()
-            }),
+            nr_fixed_files: self
+                .files
+                .as_ref()
+                .map_or(0, |files| files.iter().flatten().count()),
         }
     }
 
@@ -319,6 +316,27 @@ impl Reactor {
                 FileTarget::Fixed(i as u32)
             }
             Err(_) => plain,
+        }
+    }
+}
+
+impl Reactor {
+    fn forget_file(&mut self, id: u64) {
+        let Some(files) = self.files.as_mut() else {
+            return;
+        };
+        for (i, slot) in files.iter_mut().enumerate() {
+            if slot.as_ref().is_some_and(|s| s.id == id) {
+                // -1 empties the slot; SQEs already issued keep their file until they finish.
+                if self
+                    .ring
+                    .submitter()
+                    .register_files_update(i as u32, &[-1])
+                    .is_ok()
+                {
+                    *slot = None;
+                }
+            }
         }
     }
 }
@@ -560,6 +578,17 @@ impl RingSubmitter for StandaloneRing {
             Some(reactor) => reactor.file_target(file),
             None => FileTarget::Fd(file.as_raw_fd()),
         })
+    }
+
+    fn forget_file(&self, file: &Arc<DataFile>) {
+        // `try_*`: an engine may be dropped during thread exit or from inside a reap.
+        let _ = REACTOR.try_with(|cell| {
+            if let Ok(mut cell) = cell.try_borrow_mut() {
+                if let Some(reactor) = cell.as_mut() {
+                    reactor.forget_file(file.id());
+                }
+            }
+        });
     }
 }
 

@@ -60,6 +60,14 @@ pub trait RingSubmitter {
 
     /// Where `file` sits on this ring.
     fn file_target(&self, file: &Arc<DataFile>) -> FileTarget;
+
+    /// Called when the last engine over `file` is dropped on this thread (no I/O of it is in
+    /// flight): a ring that registered the file itself should unregister it, or the file stays
+    /// open (a block device stays busy) as long as the ring lives. Rings whose owner
+    /// registered the file (a ublk queue's) do nothing, the default.
+    fn forget_file(&self, file: &Arc<DataFile>) {
+        let _ = file;
+    }
 }
 
 /// An SQE in flight together with the memory it uses.
