@@ -35,7 +35,7 @@ pub enum DirectIo {
     /// hide write errors until `flush`).
     #[default]
     On,
-    /// Buffered I/O (for filesystems without O_DIRECT, e.g. tmpfs).
+    /// Buffered I/O (for filesystems without O_DIRECT, e.g. tmpfs before Linux 6.6).
     Off,
     /// O_DIRECT if the filesystem supports it, else buffered, with a warning.
     Auto,
@@ -394,7 +394,8 @@ fn open_file(
                 return Err(io::Error::new(
                     io::ErrorKind::Unsupported,
                     format!(
-                        "{what} {}: the filesystem does not support O_DIRECT (tmpfs?): put the \
+                        "{what} {}: the filesystem does not support O_DIRECT (tmpfs before \
+                         Linux 6.6?): put the \
                          data device on a disk filesystem or a block device, or open it with \
                          DirectIo::Auto/Off",
                         path.display()
