@@ -7,7 +7,7 @@
 use std::fmt;
 
 use crate::core::{Core, NIL};
-use crate::key::{Key, Mode, ALL_MODES, NR_MODES};
+use crate::key::{Hashed, Key, Mode, ALL_MODES, NR_MODES};
 
 /// Where a check failed, formatted only if it does.
 struct At {
@@ -37,18 +37,41 @@ impl Core {
                 key: c.key,
             };
             assert_eq!(
-                self.index.get(&c.key),
+                self.index.get(&Hashed::new(c.key)),
                 Some(&(id as u32)),
                 "{at}: not indexed"
             );
-            assert!(
-                c.nr_shared != [0, 0]
-                    || c.upgradable
-                    || c.exclusive.is_some()
-                    || c.conversion.is_some()
-                    || c.head != NIL,
-                "{at}: unused cell kept"
+            let in_use = c.nr_shared != [0, 0]
+                || c.upgradable
+                || c.exclusive.is_some()
+                || c.conversion.is_some()
+                || c.head != NIL;
+            assert_eq!(
+                c.nr_holders,
+                c.nr_shared[0]
+                    + c.nr_shared[1]
+                    + u32::from(c.upgradable)
+                    + u32::from(c.exclusive.is_some()),
+                "{at}: holder count is off"
             );
+            assert_eq!(in_use, !c.is_unused(), "{at}: in use or not?");
+            assert_eq!(
+                in_use, !c.idle,
+                "{at}: idle while in use, or unused and not idle"
+            );
+            if c.idle {
+                assert_eq!(
+                    c.nr_waiting, [0; NR_MODES],
+                    "{at}: idle with waiters counted"
+                );
+                assert_eq!(c.tail, NIL, "{at}: idle with a queue tail");
+            } else {
+                assert_eq!(
+                    (c.idle_prev, c.idle_next),
+                    (NIL, NIL),
+                    "{at}: linked on the idle list while in use"
+                );
+            }
             for a in ALL_MODES {
                 for b in ALL_MODES {
                     let both = a != b && c.holds(a) && c.holds(b);
@@ -124,6 +147,7 @@ impl Core {
             assert_eq!(c.tail, prev, "{at}: tail is not the last waiter");
             assert_eq!(counts, c.nr_waiting, "{at}: waiting counts are off");
         }
+        self.check_idle(shard);
         let nr_granted = self.waiters.iter().filter(|(_, w)| w.granted).count();
         assert_eq!(
             nr_queued + nr_granted,
@@ -164,5 +188,48 @@ impl Core {
                 f.id
             );
         }
+    }
+
+    /// The idle list: well linked, least recently used first, within its bound, and holding
+    /// exactly the cells marked idle.
+    fn check_idle(&self, shard: usize) {
+        let (mut prev, mut cell, mut nr) = (NIL, self.idle_head, 0);
+        while cell != NIL {
+            let c = self
+                .cells
+                .get(cell as usize)
+                .unwrap_or_else(|| panic!("shard {shard}: idle list links freed cell {cell}"));
+            assert!(
+                c.idle,
+                "shard {shard}: cell {cell} on the idle list is not idle"
+            );
+            assert_eq!(
+                c.idle_prev, prev,
+                "shard {shard}: idle cell {cell} has a broken back link"
+            );
+            nr += 1;
+            assert!(
+                nr <= self.nr_idle,
+                "shard {shard}: idle list too long or cyclic"
+            );
+            prev = cell;
+            cell = c.idle_next;
+        }
+        assert_eq!(
+            self.idle_tail, prev,
+            "shard {shard}: idle tail is not the last"
+        );
+        assert_eq!(nr, self.nr_idle, "shard {shard}: idle count is off");
+        assert!(
+            self.nr_idle <= self.max_idle,
+            "shard {shard}: {} idle cells, above the bound {}",
+            self.nr_idle,
+            self.max_idle
+        );
+        let nr_marked = self.cells.iter().filter(|(_, c)| c.idle).count();
+        assert_eq!(
+            nr_marked, self.nr_idle,
+            "shard {shard}: idle cells off the list"
+        );
     }
 }

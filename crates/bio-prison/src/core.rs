@@ -5,8 +5,12 @@
 //! loom all exercise this same code.
 //!
 //! Invariants (checked by `Core::check`):
-//! - A cell exists exactly while it has a holder, a queued waiter or a pending conversion, and
-//!   `index` maps its key to it.
+//! - A cell is *in use* while it has a holder, a queued waiter or a pending conversion. A cell
+//!   not in use is *idle*: it stays in the table, on the idle list in least recently used
+//!   order, so that the next lock of its key is a lookup and a state change, not an insert;
+//!   at most `max_idle` cells are idle, beyond that the least recently used one is freed. So a
+//!   shard holds its cells in use plus at most `max_idle` others, and `index` maps the key of
+//!   each to it.
 //! - Holders of one cell are pairwise compatible (`Mode::conflicts`), and no granted fence
 //!   covering the cell conflicts with them.
 //! - At most one conversion per cell, and only by its upgradable or exclusive holder; while it is
@@ -21,14 +25,13 @@
 //!   the lock it was granted is accounted as held.
 //! - Wakers are only collected in `wakes` and woken by the caller after unlocking.
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::task::Waker;
 
 use slab::Slab;
 
 use crate::fence::{FencePart, FenceShared};
-use crate::key::{Access, BuildKeyHasher, Key, Level, Mode, ALL_MODES, NR_MODES};
+use crate::key::{Access, BuildPassHasher, Hashed, Key, Level, Mode, ALL_MODES, NR_MODES};
 use crate::sync::Arc;
 
 /// "No waiter" in the intrusive queue links.
@@ -39,8 +42,11 @@ pub(crate) type CellId = u32;
 /// Index of a waiter in `Core::waiters`; stable until the waiter is collected or cancelled.
 pub(crate) type WaiterId = u32;
 
-/// Above this many slots, a shard that falls idle gives its tables' memory back.
+/// Above this many slots, a shard whose cells all fall idle gives its tables' memory back.
 const SHRINK_ABOVE: usize = 1024;
+
+/// Idle cells a shard keeps by default (`Prison::new`, `Prison::with_shards`).
+pub(crate) const DEFAULT_MAX_IDLE: usize = 128;
 
 /// The lock state of one key.
 #[derive(Debug)]
@@ -48,6 +54,9 @@ pub(crate) struct Cell {
     pub(crate) key: Key,
     /// Shared holders, indexed by `Access as usize`.
     pub(crate) nr_shared: [u32; 2],
+    /// All holders: both shared counts, plus one for an upgradable or exclusive holder. One
+    /// word for the fast paths to test.
+    pub(crate) nr_holders: u32,
     pub(crate) upgradable: bool,
     pub(crate) exclusive: Option<Level>,
     /// Boxed: conversions are rare and the cell stays within a cache line without it.
@@ -56,6 +65,10 @@ pub(crate) struct Cell {
     pub(crate) tail: WaiterId,
     /// Queued waiters, indexed by `Mode::index`.
     pub(crate) nr_waiting: [u32; NR_MODES],
+    /// On the idle list (not in use); then `idle_prev` and `idle_next` link it.
+    pub(crate) idle: bool,
+    pub(crate) idle_prev: CellId,
+    pub(crate) idle_next: CellId,
 }
 
 /// The cell's upgradable holder becoming exclusive, or its exclusive holder raising its level.
@@ -110,16 +123,21 @@ impl Cell {
         Cell {
             key,
             nr_shared: [0; 2],
+            nr_holders: 0,
             upgradable: false,
             exclusive: None,
             conversion: None,
             head: NIL,
             tail: NIL,
             nr_waiting: [0; NR_MODES],
+            idle: false,
+            idle_prev: NIL,
+            idle_next: NIL,
         }
     }
 
     /// Whether some holder of this cell holds it in `mode`.
+    #[inline]
     pub(crate) fn holds(&self, mode: Mode) -> bool {
         match mode {
             Mode::Shared(access) => self.nr_shared[access as usize] > 0,
@@ -129,7 +147,7 @@ impl Cell {
     }
 
     fn has_holders(&self) -> bool {
-        self.nr_shared != [0, 0] || self.upgradable || self.exclusive.is_some()
+        self.nr_holders != 0
     }
 
     fn pending_conversion(&self) -> Option<Level> {
@@ -167,11 +185,13 @@ impl Cell {
             .all(|&a| self.nr_shared[a as usize] == 0 || !target.blocks(a))
     }
 
-    fn is_unused(&self) -> bool {
+    pub(crate) fn is_unused(&self) -> bool {
         !self.has_holders() && self.conversion.is_none() && self.head == NIL
     }
 
+    #[inline]
     fn hold(&mut self, mode: Mode) {
+        self.nr_holders += 1;
         match mode {
             Mode::Shared(access) => self.nr_shared[access as usize] += 1,
             Mode::Upgradable => {
@@ -191,12 +211,14 @@ impl Cell {
         }
     }
 
+    #[inline]
     fn unhold(&mut self, mode: Mode) {
         assert!(
             self.holds(mode),
             "{}: releasing {mode:?}, which is not held",
             self.key
         );
+        self.nr_holders -= 1;
         match mode {
             Mode::Shared(access) => self.nr_shared[access as usize] -= 1,
             Mode::Upgradable => self.upgradable = false,
@@ -206,16 +228,29 @@ impl Cell {
 }
 
 /// One shard: its cells, its waiters and its parts of range and thin locks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Core {
-    pub(crate) index: HashMap<Key, CellId, BuildKeyHasher>,
+    pub(crate) index: HashMap<Hashed, CellId, BuildPassHasher>,
     pub(crate) cells: Slab<Cell>,
+    /// The idle list: least recently used first.
+    pub(crate) idle_head: CellId,
+    pub(crate) idle_tail: CellId,
+    pub(crate) nr_idle: usize,
+    pub(crate) max_idle: usize,
+    /// Above this many cell slots, a shard with nothing in use shrinks its tables.
+    shrink_above: usize,
     pub(crate) waiters: Slab<Waiter>,
     /// Parts of range and thin locks, in `seq` order; usually empty.
     pub(crate) fences: Vec<FencePart>,
     pub(crate) next_seq: u64,
     /// Filled by every operation, drained by the caller after it unlocks the shard.
     pub(crate) wakes: Vec<Wake>,
+}
+
+impl Default for Core {
+    fn default() -> Core {
+        Core::new(DEFAULT_MAX_IDLE)
+    }
 }
 
 fn slot(index: usize) -> u32 {
@@ -226,12 +261,60 @@ fn slot(index: usize) -> u32 {
 }
 
 impl Core {
+    /// An empty shard that keeps up to `max_idle` idle cells.
+    pub(crate) fn new(max_idle: usize) -> Core {
+        Core {
+            index: HashMap::default(),
+            cells: Slab::new(),
+            idle_head: NIL,
+            idle_tail: NIL,
+            nr_idle: 0,
+            max_idle,
+            shrink_above: SHRINK_ABOVE.max(max_idle.saturating_mul(2)),
+            waiters: Slab::new(),
+            fences: Vec::new(),
+            next_seq: 0,
+            wakes: Vec::new(),
+        }
+    }
+
     /// A new request for `key` in `mode`: granted, queued (when a waker is given) or refused.
-    pub(crate) fn acquire(&mut self, key: Key, mode: Mode, waker: Option<&Waker>) -> Acquired {
-        let cell = match self.index.entry(key) {
-            Entry::Occupied(e) => *e.get(),
-            Entry::Vacant(e) => *e.insert(slot(self.cells.insert(Cell::new(key)))),
+    #[inline]
+    pub(crate) fn acquire(&mut self, key: Hashed, mode: Mode, waker: Option<&Waker>) -> Acquired {
+        // The fast path: a key whose cell is idle, or held by nobody. With no holder there is
+        // no conversion either, with no queue nothing to overtake, and with no fence in the
+        // shard nothing else to ask: the request is granted.
+        if let Some(&cell) = self.index.get(&key) {
+            let c = &mut self.cells[cell as usize];
+            if c.nr_holders == 0 && c.head == NIL && self.fences.is_empty() {
+                debug_assert!(c.conversion.is_none(), "{}: conversion by nobody", c.key);
+                if c.idle {
+                    self.unlink_idle(cell);
+                }
+                self.cells[cell as usize].hold(mode);
+                return Acquired::Granted(cell);
+            }
+        }
+        self.acquire_slow(key, mode, waker)
+    }
+
+    /// `acquire` for a new key, a key in use, or a shard with fences.
+    #[inline(never)]
+    fn acquire_slow(&mut self, key: Hashed, mode: Mode, waker: Option<&Waker>) -> Acquired {
+        let cell = match self.index.get(&key) {
+            Some(&cell) => {
+                if self.cells[cell as usize].idle {
+                    self.unlink_idle(cell);
+                }
+                cell
+            }
+            None => {
+                let cell = slot(self.cells.insert(Cell::new(key.key)));
+                self.index.insert(key, cell);
+                cell
+            }
         };
+        let key = key.key;
         let c = &self.cells[cell as usize];
         if !c.holders_conflict(mode)
             && !c.queue_conflicts(mode)
@@ -299,8 +382,16 @@ impl Core {
     }
 
     /// A holder of `cell` in `mode` lets go.
+    #[inline]
     pub(crate) fn release(&mut self, cell: CellId, mode: Mode) {
-        self.cells[cell as usize].unhold(mode);
+        let c = &mut self.cells[cell as usize];
+        c.unhold(mode);
+        // The fast path: the last holder of a cell nobody waits for, in a shard without
+        // fences, has nothing to settle; the cell just falls idle.
+        if c.nr_holders == 0 && c.head == NIL && c.conversion.is_none() && self.fences.is_empty() {
+            self.make_idle(cell);
+            return;
+        }
         self.settle(cell);
     }
 
@@ -465,24 +556,89 @@ impl Core {
         cell
     }
 
+    /// Puts `cell` on the idle list if it is no longer in use.
     fn free_if_unused(&mut self, cell: CellId) {
-        if !self.cells[cell as usize].is_unused() {
-            return;
+        if self.cells[cell as usize].is_unused() {
+            self.make_idle(cell);
         }
+    }
+
+    /// Puts unused `cell` on the idle list, freeing the least recently used idle cell if that
+    /// makes one too many.
+    #[inline]
+    fn make_idle(&mut self, cell: CellId) {
+        self.link_idle(cell);
+        if self.nr_idle > self.max_idle {
+            self.free_idle(self.idle_head);
+        }
+        if self.cells.capacity() > self.shrink_above && self.nr_idle == self.cells.len() {
+            self.shrink();
+        }
+    }
+
+    /// Memory follows the locks in use, not the high-water mark of a burst: with nothing in
+    /// use, drop the idle cells too and start again from empty tables.
+    #[cold]
+    fn shrink(&mut self) {
+        self.cells = Slab::new();
+        self.index = HashMap::default();
+        (self.idle_head, self.idle_tail, self.nr_idle) = (NIL, NIL, 0);
+        if self.waiters.is_empty() {
+            self.waiters = Slab::new();
+        }
+    }
+
+    /// Appends unused `cell` to the idle list, as its most recently used cell.
+    #[inline]
+    fn link_idle(&mut self, cell: CellId) {
+        let tail = self.idle_tail;
+        let c = &mut self.cells[cell as usize];
+        debug_assert!(!c.idle, "{}: idle twice", c.key);
+        c.idle = true;
+        c.idle_prev = tail;
+        c.idle_next = NIL;
+        match tail {
+            NIL => self.idle_head = cell,
+            _ => self.cells[tail as usize].idle_next = cell,
+        }
+        self.idle_tail = cell;
+        self.nr_idle += 1;
+    }
+
+    /// Takes idle `cell` off the idle list: it is about to be used, or freed.
+    #[inline]
+    fn unlink_idle(&mut self, cell: CellId) {
+        let c = &mut self.cells[cell as usize];
+        let (prev, next) = (c.idle_prev, c.idle_next);
+        c.idle = false;
+        c.idle_prev = NIL;
+        c.idle_next = NIL;
+        match prev {
+            NIL => self.idle_head = next,
+            _ => self.cells[prev as usize].idle_next = next,
+        }
+        match next {
+            NIL => self.idle_tail = prev,
+            _ => self.cells[next as usize].idle_prev = prev,
+        }
+        self.nr_idle -= 1;
+    }
+
+    /// Frees idle `cell`.
+    #[inline(never)]
+    fn free_idle(&mut self, cell: CellId) {
+        self.unlink_idle(cell);
         let c = self.cells.remove(cell as usize);
-        self.index.remove(&c.key);
-        if self.cells.is_empty() && self.cells.capacity() > SHRINK_ABOVE {
-            // Memory follows the locks in use, not the high-water mark of a burst.
-            self.cells = Slab::new();
-            self.index = HashMap::default();
-            if self.waiters.is_empty() {
-                self.waiters = Slab::new();
-            }
-        }
+        self.index.remove(&Hashed::new(c.key));
     }
 
     /// Number of cells in use.
     pub(crate) fn nr_cells(&self) -> usize {
-        self.cells.len()
+        self.cells.len() - self.nr_idle
+    }
+
+    /// Number of idle cells kept for reuse.
+    pub(crate) fn nr_idle_cells(&self) -> usize {
+        self.nr_idle
     }
 }

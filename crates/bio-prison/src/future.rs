@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use crate::core::{Acquired, WaiterId};
 use crate::fence::{FencePart, FenceShared};
 use crate::guard::{ExclusiveGuard, FenceGuard, Held, SharedGuard, UpgradableGuard};
-use crate::key::{Key, Level, Mode, ThinId};
+use crate::key::{Hashed, Key, Level, Mode, ThinId};
 use crate::sync::Arc;
 use crate::Prison;
 
@@ -25,7 +25,7 @@ use crate::Prison;
 pub(crate) struct Acquire<'a> {
     prison: &'a Prison,
     shard: u32,
-    key: Key,
+    key: Hashed,
     mode: Mode,
     state: AcquireState,
 }
@@ -38,7 +38,9 @@ enum AcquireState {
 }
 
 impl<'a> Acquire<'a> {
+    #[inline]
     pub(crate) fn new(prison: &'a Prison, key: Key, mode: Mode) -> Self {
+        let key = Hashed::new(key);
         Acquire {
             prison,
             shard: prison.shard_of(key),
@@ -48,6 +50,7 @@ impl<'a> Acquire<'a> {
         }
     }
 
+    #[inline]
     fn poll_held(&mut self, cx: &mut Context<'_>) -> Poll<Held<'a>> {
         let granted = match self.state {
             AcquireState::Start => {
@@ -72,7 +75,7 @@ impl<'a> Acquire<'a> {
         match granted {
             Some(cell) => {
                 self.state = AcquireState::Done;
-                let (prison, shard, key, mode) = (self.prison, self.shard, self.key, self.mode);
+                let (prison, shard, key, mode) = (self.prison, self.shard, self.key.key, self.mode);
                 Poll::Ready(Held {
                     prison,
                     shard,
@@ -87,6 +90,7 @@ impl<'a> Acquire<'a> {
 }
 
 impl Drop for Acquire<'_> {
+    #[inline]
     fn drop(&mut self) {
         if let AcquireState::Queued(w) = self.state {
             self.prison.with_core(self.shard, |c| c.cancel_waiter(w));
@@ -112,6 +116,7 @@ pub struct ExclusiveFuture<'a>(pub(crate) Acquire<'a>);
 impl<'a> Future for SharedFuture<'a> {
     type Output = SharedGuard<'a>;
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.0.poll_held(cx).map(SharedGuard::from_held)
     }
@@ -120,6 +125,7 @@ impl<'a> Future for SharedFuture<'a> {
 impl<'a> Future for UpgradableFuture<'a> {
     type Output = UpgradableGuard<'a>;
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.0.poll_held(cx).map(UpgradableGuard::from_held)
     }
@@ -128,6 +134,7 @@ impl<'a> Future for UpgradableFuture<'a> {
 impl<'a> Future for ExclusiveFuture<'a> {
     type Output = ExclusiveGuard<'a>;
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.0.poll_held(cx).map(ExclusiveGuard::from_held)
     }

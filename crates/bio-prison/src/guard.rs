@@ -28,6 +28,7 @@ pub(crate) struct Held<'a> {
 }
 
 impl Held<'_> {
+    #[inline]
     fn release(self) {
         self.prison
             .with_core(self.shard, |core| core.release(self.cell, self.mode));
@@ -67,6 +68,7 @@ pub struct ExclusiveGuard<'a> {
 }
 
 impl<'a> SharedGuard<'a> {
+    #[inline]
     pub(crate) fn from_held(held: Held<'a>) -> Self {
         debug_assert!(matches!(held.mode, Mode::Shared(_)));
         SharedGuard { held }
@@ -120,6 +122,7 @@ impl<'a> SharedGuard<'a> {
 }
 
 impl<'a> UpgradableGuard<'a> {
+    #[inline]
     pub(crate) fn from_held(held: Held<'a>) -> Self {
         debug_assert_eq!(held.mode, Mode::Upgradable);
         UpgradableGuard { held }
@@ -152,6 +155,7 @@ impl<'a> UpgradableGuard<'a> {
 }
 
 impl<'a> ExclusiveGuard<'a> {
+    #[inline]
     pub(crate) fn from_held(held: Held<'a>) -> Self {
         debug_assert!(matches!(held.mode, Mode::Exclusive(_)));
         ExclusiveGuard { held }
@@ -195,18 +199,21 @@ impl<'a> ExclusiveGuard<'a> {
 }
 
 impl Drop for SharedGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
         self.held.release();
     }
 }
 
 impl Drop for UpgradableGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
         self.held.release();
     }
 }
 
 impl Drop for ExclusiveGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
         self.held.release();
     }

@@ -47,6 +47,7 @@ impl Key {
     }
 
     /// The key packed into two words: the tag and thin in the first, the block in the second.
+    #[inline]
     fn words(self) -> (u64, u64) {
         match self {
             Key::Virtual(ThinId(thin), VBlock(vblock)) => (u64::from(thin), vblock),
@@ -54,13 +55,81 @@ impl Key {
         }
     }
 
+    /// The key's hash: computed once per request, it picks both the shard (`shard_of`) and
+    /// the bucket inside the shard's table (`Hashed`).
+    ///
+    /// Keys come from the kernel's request stream, not from an adversary who could flood one
+    /// bucket, and the table only holds locks in use and a bounded number of idle ones, so
+    /// SipHash's cost buys nothing here: two multiplies (Fibonacci hashing, as FxHash does)
+    /// and a fold of the high half into the low, so that the low bits (bucket), the top seven
+    /// (the table's control byte) and bits 40 and up (shard) all depend on every input bit.
+    #[inline]
+    pub(crate) fn hash64(self) -> u64 {
+        let (tag, block) = self.words();
+        let h =
+            (block ^ tag.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h ^ (h >> 29)
+    }
+
     /// Which shard of `nr_shards` (a power of two) holds this key's cell.
+    #[cfg(test)]
     pub(crate) fn shard(self, nr_shards: usize) -> usize {
-        let mut hasher = KeyHasher::default();
-        self.hash(&mut hasher);
-        // The top bits: the low ones pick the hash table bucket inside the shard.
-        let h = hasher.finish();
-        (h >> 40) as usize & (nr_shards - 1)
+        shard_of(self.hash64(), nr_shards)
+    }
+}
+
+/// Which shard of `nr_shards` (a power of two) holds the cell of a key hashing to `hash`.
+#[inline]
+pub(crate) fn shard_of(hash: u64, nr_shards: usize) -> usize {
+    // Bits 40 and up: the low ones pick the bucket inside the shard and the top seven the
+    // table's control byte, so the three stay independent.
+    (hash >> 40) as usize & (nr_shards - 1)
+}
+
+/// A key with its hash, as a shard's table stores it: the table reuses the hash instead of
+/// hashing the key again (`PassHasher`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Hashed {
+    pub(crate) hash: u64,
+    pub(crate) key: Key,
+}
+
+impl Hashed {
+    #[inline]
+    pub(crate) fn new(key: Key) -> Hashed {
+        Hashed {
+            hash: key.hash64(),
+            key,
+        }
+    }
+}
+
+impl Hash for Hashed {
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// Hands `Hashed`'s precomputed hash to the table unchanged.
+#[derive(Default, Debug)]
+pub(crate) struct PassHasher(u64);
+
+pub(crate) type BuildPassHasher = BuildHasherDefault<PassHasher>;
+
+impl Hasher for PassHasher {
+    fn write(&mut self, _bytes: &[u8]) {
+        unreachable!("PassHasher only takes Hashed's u64");
+    }
+
+    #[inline]
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 
@@ -78,36 +147,6 @@ impl fmt::Display for Key {
             Key::Virtual(thin, vblock) => write!(f, "thin {} vblock {}", thin.0, vblock.0),
             Key::Data(dblock) => write!(f, "data block {}", dblock.0),
         }
-    }
-}
-
-/// A small, deterministic hasher for keys: one multiply per word and a final mix.
-///
-/// Keys come from the kernel's request stream, not from an adversary who could flood one
-/// bucket, and the table only holds locks in use, so SipHash's cost buys nothing here.
-#[derive(Default, Debug)]
-pub(crate) struct KeyHasher(u64);
-
-pub(crate) type BuildKeyHasher = BuildHasherDefault<KeyHasher>;
-
-impl Hasher for KeyHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(23) ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-
-    fn finish(&self) -> u64 {
-        // splitmix64's finaliser, so that both the low bits (bucket) and the high bits
-        // (control byte, shard) depend on every input bit.
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
     }
 }
 

@@ -33,8 +33,10 @@
 //! - Every future is cancellation-safe: dropping it before it completes leaves no lock held and
 //!   no waiter queued, and lets through whoever it was holding back. Every guard releases on
 //!   drop.
-//! - Memory is proportional to the locks in use and the requests waiting: cells are created on
-//!   first use, recycled in a slab, and freed when their last holder and waiter leave.
+//! - Memory is proportional to the locks in use and the requests waiting, plus a constant:
+//!   cells are created on first use, recycled in a slab, and when their last holder and waiter
+//!   leave they are kept idle for the next lock of their key, at most
+//!   `DEFAULT_IDLE_CELLS_PER_SHARD` per shard (least recently used ones are freed first).
 #![forbid(unsafe_code)]
 
 mod check;
@@ -57,13 +59,16 @@ pub use key::{Access, DBlock, Key, Level, ThinId, VBlock};
 use crate::core::{Acquired, Core};
 use crate::future::Acquire;
 use crate::guard::Held;
-use crate::key::Mode;
+use crate::key::{Hashed, Mode};
 use crate::sync::Mutex;
 
 /// Shards of a `Prison::new()`: enough that queue threads rarely meet on one mutex.
 pub const DEFAULT_NR_SHARDS: usize = 16;
 /// The most shards a prison will have; a range or thin lock visits every one.
 pub const MAX_NR_SHARDS: usize = 1024;
+/// Idle cells each shard of a `Prison::new()` keeps: cells of recently unlocked keys, so that
+/// locking such a key again is a lookup and a state change instead of an insert and a remove.
+pub const DEFAULT_IDLE_CELLS_PER_SHARD: usize = crate::core::DEFAULT_MAX_IDLE;
 
 /// The lock table: single-block cells spread over mutex-protected shards by key hash, plus the
 /// range and thin locks that span them.
@@ -103,11 +108,18 @@ impl Prison {
 
     /// A prison with `nr_shards` shards, rounded up to a power of two in `1..=MAX_NR_SHARDS`.
     pub fn with_shards(nr_shards: usize) -> Prison {
+        Prison::with_shards_and_idle_cells(nr_shards, DEFAULT_IDLE_CELLS_PER_SHARD)
+    }
+
+    /// A prison with `nr_shards` shards (as in `with_shards`), each keeping at most
+    /// `idle_cells` cells of unlocked keys for reuse; 0 frees every cell as soon as it is
+    /// unused. Locking behaves the same whatever the bound; only speed and memory differ.
+    pub fn with_shards_and_idle_cells(nr_shards: usize, idle_cells: usize) -> Prison {
         let nr_shards = nr_shards.clamp(1, MAX_NR_SHARDS).next_power_of_two();
         Prison {
             shards: (0..nr_shards)
                 .map(|_| Shard {
-                    core: Mutex::new(Core::default()),
+                    core: Mutex::new(Core::new(idle_cells)),
                 })
                 .collect(),
             fence_registry: Mutex::new(0),
@@ -124,34 +136,40 @@ impl Prison {
     /// Granted beside other shared holders and an upgradable holder, and beside an exclusive
     /// holder whose level does not block `access`; queued behind earlier requests it
     /// conflicts with.
+    #[inline]
     pub fn shared(&self, key: Key, access: Access) -> SharedFuture<'_> {
         SharedFuture(self.acquire(key, Mode::Shared(access)))
     }
 
     /// The upgradable lock on `key`: beside shared holders, but only one at a time and never
     /// beside an exclusive holder. It can become exclusive once the shared holders drain.
+    #[inline]
     pub fn upgradable(&self, key: Key) -> UpgradableFuture<'_> {
         UpgradableFuture(self.acquire(key, Mode::Upgradable))
     }
 
     /// An exclusive lock on `key` at `level`, granted once every conflicting holder has gone.
+    #[inline]
     pub fn exclusive(&self, key: Key, level: Level) -> ExclusiveFuture<'_> {
         ExclusiveFuture(self.acquire(key, Mode::Exclusive(level)))
     }
 
     /// `shared`, only if it can be granted without waiting.
+    #[inline]
     pub fn try_shared(&self, key: Key, access: Access) -> Option<SharedGuard<'_>> {
         self.try_acquire(key, Mode::Shared(access))
             .map(SharedGuard::from_held)
     }
 
     /// `upgradable`, only if it can be granted without waiting.
+    #[inline]
     pub fn try_upgradable(&self, key: Key) -> Option<UpgradableGuard<'_>> {
         self.try_acquire(key, Mode::Upgradable)
             .map(UpgradableGuard::from_held)
     }
 
     /// `exclusive`, only if it can be granted without waiting.
+    #[inline]
     pub fn try_exclusive(&self, key: Key, level: Level) -> Option<ExclusiveGuard<'_>> {
         self.try_acquire(key, Mode::Exclusive(level))
             .map(ExclusiveGuard::from_held)
@@ -187,6 +205,15 @@ impl Prison {
         self.shards.iter().map(|s| s.core.lock().nr_cells()).sum()
     }
 
+    /// Number of idle cells: kept for keys that were locked recently and are not locked now.
+    /// At most `nr_shards()` times the per-shard bound.
+    pub fn nr_idle_cells(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.core.lock().nr_idle_cells())
+            .sum()
+    }
+
     /// Walks every shard and panics, saying what is wrong, if the bookkeeping is inconsistent:
     /// incompatible holders, a waiter that should have been granted, a dangling link. It
     /// takes each shard's mutex in turn and costs O(locks in use); for tests.
@@ -196,29 +223,34 @@ impl Prison {
         }
     }
 
+    #[inline]
     fn acquire(&self, key: Key, mode: Mode) -> Acquire<'_> {
         Acquire::new(self, key, mode)
     }
 
+    #[inline]
     fn try_acquire(&self, key: Key, mode: Mode) -> Option<Held<'_>> {
+        let key = Hashed::new(key);
         let shard = self.shard_of(key);
         match self.with_core(shard, |core| core.acquire(key, mode, None)) {
             Acquired::Granted(cell) => Some(Held {
                 prison: self,
                 shard,
                 cell,
-                key,
+                key: key.key,
                 mode,
             }),
             Acquired::Queued(_) | Acquired::Refused => None,
         }
     }
 
-    fn shard_of(&self, key: Key) -> u32 {
-        key.shard(self.shards.len()) as u32
+    #[inline]
+    fn shard_of(&self, key: Hashed) -> u32 {
+        key::shard_of(key.hash, self.shards.len()) as u32
     }
 
     /// Runs `f` on one shard under its mutex, then wakes whoever `f` granted, unlocked.
+    #[inline]
     fn with_core<R>(&self, shard: u32, f: impl FnOnce(&mut Core) -> R) -> R {
         let mut core = self.shards[shard as usize].core.lock();
         let result = f(&mut core);
@@ -227,9 +259,15 @@ impl Prison {
         }
         let wakes = std::mem::take(&mut core.wakes);
         drop(core);
-        for wake in wakes {
-            wake.fire();
-        }
+        fire(wakes);
         result
+    }
+}
+
+/// Wakes what a shard operation granted; called with no mutex held.
+#[inline(never)]
+fn fire(wakes: Vec<core::Wake>) {
+    for wake in wakes {
+        wake.fire();
     }
 }
