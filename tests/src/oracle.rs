@@ -8,6 +8,7 @@
 use block_io::MetaDevice;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use thin_metadata::check::{check, CheckOptions, Problem};
 
 /// Set to 1 to turn a missing tool into a test failure.
 pub const REQUIRE_ENV: &str = "REQUIRE_ORACLES";
@@ -119,10 +120,23 @@ pub fn write_image(dev: &dyn MetaDevice, file: &Path) {
     std::fs::write(file, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", file.display()));
 }
 
-/// Runs thin-metadata's own checker: `Some(problems)` (empty when clean), or `None` while
-/// the checker does not exist yet.
-// CHECK-HOOK: wire `thin_metadata::check::check` in here once it is committed.
-pub fn our_check(dev: &dyn MetaDevice) -> Option<Vec<String>> {
-    let _ = dev;
-    None
+/// Runs thin-metadata's own checker; returns its problems, one line each (empty when
+/// clean).
+pub fn our_check(dev: &dyn MetaDevice) -> Vec<String> {
+    our_check_except(dev, |_| false)
+}
+
+/// `our_check`, leaving out problems `tolerate` accepts (known false positives only).
+pub fn our_check_except(dev: &dyn MetaDevice, tolerate: fn(&Problem) -> bool) -> Vec<String> {
+    let report = check(dev, &CheckOptions::default());
+    let mut lines: Vec<String> = report
+        .problems
+        .iter()
+        .filter(|p| !tolerate(p))
+        .map(|p| p.to_string())
+        .collect();
+    if report.nr_problems_omitted > 0 {
+        lines.push(format!("(and {} more)", report.nr_problems_omitted));
+    }
+    lines
 }

@@ -345,10 +345,9 @@ fn examine(
     new: &State,
     allowed: Allowed,
 ) -> Result<State, (bool, String)> {
-    if let Some(problems) = our_check(image) {
-        if !problems.is_empty() {
-            return Err((false, format!("our check: {problems:?}")));
-        }
+    let problems = our_check(image);
+    if !problems.is_empty() {
+        return Err((false, format!("our check: {problems:?}")));
     }
     let dev: Arc<dyn MetaDevice> = Arc::new(MemMetaDevice::from_bytes(&image.to_bytes()));
     let md = ThinMetadata::open(dev).map_err(|e| (false, format!("open failed: {e}")))?;

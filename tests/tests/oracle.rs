@@ -18,10 +18,11 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use thin_metadata::check::{Problem, ProblemKind};
 use thin_metadata::{DataBlock, Lookup, ThinId, ThinMetadata, VBlock, MAX_THIN_ID};
 use ublk_thin_tests::model::blocks::{classify, Kind, Tree};
 use ublk_thin_tests::model::{compare_state, Config, Workload};
-use ublk_thin_tests::oracle::{our_check, write_image, Tools};
+use ublk_thin_tests::oracle::{our_check, our_check_except, write_image, Tools};
 use ublk_thin_tests::scratch::ScratchDir;
 use ublk_thin_tests::seeds::{env_u64, for_each_seed};
 use ublk_thin_tests::xml::{self, Device, Dump, Superblock};
@@ -39,10 +40,9 @@ fn check_with_oracles(tools: &Tools, w: &Workload, dir: &ScratchDir) {
     if let Err(e) = tools.check(&file) {
         w.fail(format!("thin_check rejects the committed metadata: {e}"));
     }
-    if let Some(problems) = our_check(&*w.dev) {
-        if !problems.is_empty() {
-            w.fail(format!("our check finds problems: {problems:#?}"));
-        }
+    let problems = our_check_except(&*w.dev, w.check_tolerates);
+    if !problems.is_empty() {
+        w.fail(format!("our check finds problems: {problems:#?}"));
     }
     let st = &w.model.committed;
     let dump = tools
@@ -224,6 +224,19 @@ fn check_lookups(md: &ThinMetadata, dump: &Dump, rng: &mut SmallRng) -> Result<u
     Ok(n)
 }
 
+/// The checker's known false positives on thin_restore's space map hints (see the
+/// `our_check_accepts_*` tests).
+fn thin_restore_hint(p: &Problem) -> bool {
+    p.kind == ProblemKind::SpaceMapIndex
+        && [
+            " free, the bitmap has ",
+            "none is free before",
+            "blocks are allocated, the bitmaps",
+        ]
+        .iter()
+        .any(|s| p.detail.contains(s))
+}
+
 #[test]
 fn thin_restore_output_opens_and_agrees_with_the_xml() {
     let test = "thin_restore_output_opens_and_agrees_with_the_xml";
@@ -271,6 +284,9 @@ fn thin_restore_output_opens_and_agrees_with_the_xml() {
             cache_nodes: None,
         };
         let mut w = Workload::resume(dev, md, st, cfg, seed);
+        // Until the two `our_check_accepts_*` tests below pass: thin_restore's space map
+        // hints survive until our commits rewrite them.
+        w.check_tolerates = thin_restore_hint;
         w.verify_all();
         for _ in 0..ops {
             w.step();
@@ -339,12 +355,10 @@ fn a_flipped_byte_is_damage_to_thin_check_and_to_us() {
         if tools.check(&file).is_ok() {
             panic!("thin_check passes metadata with byte 100 of {target:?} block {b} flipped");
         }
-        if let Some(problems) = our_check(&damaged) {
-            assert!(
-                !problems.is_empty(),
-                "our check passes metadata with byte 100 of {target:?} block {b} flipped"
-            );
-        }
+        assert!(
+            !our_check(&damaged).is_empty(),
+            "our check passes metadata with byte 100 of {target:?} block {b} flipped"
+        );
         let damaged: Arc<dyn MetaDevice> = Arc::new(damaged);
         let found = ThinMetadata::open(damaged).and_then(|md| {
             for id in md.thins() {
@@ -359,4 +373,86 @@ fn a_flipped_byte_is_damage_to_thin_check_and_to_us() {
         flipped += 1;
     }
     println!("ORACLE flip: {flipped} damaged images rejected by thin_check and by us");
+}
+
+/// thin_restore 0.9's output for one mapping, 20000 data blocks and a 4 MiB file, which
+/// thin_check accepts; returns the restored file's device.
+fn restore_minimal(tools: &Tools, dir: &ScratchDir) -> FileMetaDevice {
+    let mut devices = BTreeMap::new();
+    let mut dev = Device {
+        mapped_blocks: 1,
+        ..Device::default()
+    };
+    dev.mappings.insert(0, (0, 0));
+    devices.insert(0, dev);
+    let dump = Dump {
+        superblock: Superblock {
+            uuid: String::new(),
+            time: 0,
+            transaction: 1,
+            flags: 0,
+            version: 2,
+            data_block_size: 128,
+            nr_data_blocks: 20_000,
+        },
+        devices,
+    };
+    let xml_file = dir.join("in.xml");
+    std::fs::write(&xml_file, xml::write(&dump)).expect("writing the XML");
+    let meta = dir.join("meta.bin");
+    drop(FileMetaDevice::create(&meta, 1024).expect("creating the metadata file"));
+    tools.restore(&xml_file, &meta).expect("thin_restore");
+    tools
+        .check(&meta)
+        .expect("thin_check accepts thin_restore's metadata");
+    FileMetaDevice::open(&meta).expect("opening the restored metadata")
+}
+
+/// Regression test for a checker false positive. The last, partial data bitmap's index
+/// entry from thin_restore counts as free only blocks inside the space (20000 - 16320 =
+/// 3680), where the kernel's `sm_ll_extend` starts every new bitmap at `entries_per_block`
+/// and so counts entries past the end as free (16320). Both are valid (thin_check and the
+/// kernel accept either); our check accepts only the kernel's: "data space map index entry
+/// of bitmap 1 says 3680 free, the bitmap has 16320".
+#[test]
+#[ignore = "bug: check rejects the in-range nr_free thin_restore writes for a partial last \
+            bitmap, which thin_check and the kernel accept"]
+fn our_check_accepts_in_range_free_counts_of_a_partial_bitmap() {
+    let test = "our_check_accepts_in_range_free_counts_of_a_partial_bitmap";
+    let Some(tools) = Tools::find(test) else {
+        return;
+    };
+    let dir = ScratchDir::new("partial-bitmap");
+    let dev = restore_minimal(&tools, &dir);
+    let data_problems: Vec<String> = our_check(&dev)
+        .into_iter()
+        .filter(|p| p.contains("data space map"))
+        .collect();
+    assert!(
+        data_problems.is_empty(),
+        "our check rejects the data space map thin_check accepts: {data_problems:#?}"
+    );
+}
+
+/// Regression test for checker strictness beyond thin_check. In the same image,
+/// thin_restore's metadata space map hints are stale by one block (entry 8 is free in the
+/// bitmap, but the index entry says 1012 free and none free before entry 12, and the root
+/// says 12 allocated, not 11): harmless search hints and totals that thin_check does not
+/// check, and that the kernel only uses to skip full bitmaps and to report free space. Our
+/// check reports all three as damage; it should at most warn.
+#[test]
+#[ignore = "bug: check reports thin_restore's stale-by-one metadata space map hints as damage; \
+            thin_check accepts them"]
+fn our_check_accepts_thin_restores_metadata_space_map_hints() {
+    let test = "our_check_accepts_thin_restores_metadata_space_map_hints";
+    let Some(tools) = Tools::find(test) else {
+        return;
+    };
+    let dir = ScratchDir::new("stale-hints");
+    let dev = restore_minimal(&tools, &dir);
+    let problems = our_check(&dev);
+    assert!(
+        problems.is_empty(),
+        "our check rejects metadata thin_check accepts: {problems:#?}"
+    );
 }

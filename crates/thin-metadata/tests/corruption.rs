@@ -36,6 +36,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use thin_metadata::check::{check, CheckOptions};
 use thin_metadata::format::{
     max_entries, seal, BITMAP_CSUM_XOR, BTREE_CSUM_XOR, DETAILS_SIZE, INDEX_CSUM_XOR,
     INDEX_ENTRY_SIZE, NODE_HEADER_SIZE, SM_ROOT_SIZE, SUPERBLOCK_CSUM_XOR,
@@ -259,6 +260,46 @@ struct Trial<'a> {
 type Outcome = Result<(Snapshot, Result<(), Error>), Error>;
 
 impl Trial<'_> {
+    /// The offline checker on the damaged image: it must never panic, must report a raw
+    /// flip (anywhere, held-only blocks included: it walks the held snapshot) at the
+    /// flipped block, must stay clean for bytes no decoder reads, and must report a
+    /// resealed block number or node header at the block.
+    #[allow(clippy::too_many_arguments)]
+    fn run_checker(
+        &mut self,
+        dev: &dyn MetaDevice,
+        b: u64,
+        info: Info,
+        pos: usize,
+        reseal: bool,
+        unused: bool,
+        what: &str,
+    ) {
+        let report = match catch_unwind(AssertUnwindSafe(|| check(dev, &CheckOptions::default()))) {
+            Ok(r) => r,
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| p.downcast_ref::<&str>().copied())
+                    .unwrap_or("(non-string panic)");
+                self.failures.push(format!("{what}: check PANICKED: {msg}"));
+                return;
+            }
+        };
+        let at_block = report.problems.iter().any(|p| p.block == Some(b));
+        let problem = if reseal && unused {
+            (!report.is_clean()).then(|| format!("check reports an unused byte:\n{report}"))
+        } else if !reseal || (info.live && must_reject_resealed(info.kind, pos)) {
+            (!at_block).then(|| format!("check reports nothing at block {b}:\n{report}"))
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            self.failures.push(format!("{what}: {p}"));
+        }
+    }
+
     /// A short description (the snapshot itself is thousands of lines).
     fn describe(&self, o: &Outcome) -> String {
         match o {
@@ -288,6 +329,13 @@ impl Trial<'_> {
             block: b,
             data: raw,
         });
+        let what = format!(
+            "{:?}{} block {b} byte {pos} ^ {mask:#04x}{}",
+            info.kind,
+            if info.live { "" } else { " (held only)" },
+            if reseal { " resealed" } else { "" }
+        );
+        self.run_checker(&*dev, b, info, pos, reseal, unused, &what);
         let probes = self.probes;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             let md = ThinMetadata::open(dev)?;
@@ -296,12 +344,6 @@ impl Trial<'_> {
             let released = md.release_metadata_snap();
             Ok::<_, Error>((snap, released))
         }));
-        let what = format!(
-            "{:?}{} block {b} byte {pos} ^ {mask:#04x}{}",
-            info.kind,
-            if info.live { "" } else { " (held only)" },
-            if reseal { " resealed" } else { "" }
-        );
         let outcome = match outcome {
             Ok(o) => o,
             Err(p) => {

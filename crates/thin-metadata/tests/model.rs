@@ -105,6 +105,7 @@ fn run_seed(seed: u64, ops: u64, shape: fn(&mut SmallRng) -> Config) -> (Stats, 
     let md = thin_metadata::ThinMetadata::open(w.dev.clone());
     w.md = md.unwrap_or_else(|e| w.fail(format!("final open failed: {e}")));
     w.verify_all();
+    w.check_committed();
     // The trees must also decode with the format decoders alone.
     let blocks = common::blocks::classify(&*w.dev).unwrap_or_else(|e| {
         w.fail(format!(

@@ -28,6 +28,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use thin_metadata::check::{check, CheckOptions, Problem};
 use thin_metadata::{
     DataBlock, DeviceDetails, Error, FormatOptions, Lookup, Space, ThinId, ThinMetadata, VBlock,
     MAX_THIN_ID,
@@ -575,6 +576,8 @@ pub struct Workload {
     pub rng: SmallRng,
     pub cfg: Config,
     pub stats: Stats,
+    /// Checker problems `check_committed` lets pass (known false positives only).
+    pub check_tolerates: fn(&Problem) -> bool,
     recent: VecDeque<String>,
 }
 
@@ -610,6 +613,7 @@ impl Workload {
             rng: SmallRng::seed_from_u64(seed),
             cfg,
             stats: Stats::default(),
+            check_tolerates: |_| false,
             recent: VecDeque::new(),
         }
     }
@@ -1075,6 +1079,36 @@ impl Workload {
         self.model.revert();
         self.stats.reopens += 1;
         self.verify_all();
+        self.check_committed();
+    }
+
+    /// Runs the offline checker on the device, which holds the last commit: it must be
+    /// clean and count what the model does.
+    pub fn check_committed(&self) {
+        let report = check(&*self.dev, &CheckOptions::default());
+        let tolerated = report.problems.iter().all(|p| (self.check_tolerates)(p));
+        if report.nr_problems_omitted > 0 || !tolerated {
+            self.fail(format!(
+                "the checker finds problems in committed metadata:\n{report}"
+            ));
+        }
+        let st = &self.model.committed;
+        let got = (
+            report.nr_thins,
+            report.nr_data_blocks_used,
+            report.transaction_id,
+        );
+        let want = (
+            st.thins.len() as u64,
+            st.blocks_in_use().len() as u64,
+            st.transaction_id,
+        );
+        if got != want {
+            self.fail(format!(
+                "the checker counts (thins, data blocks used, transaction id) {got:?}, model \
+                 {want:?}"
+            ));
+        }
     }
 
     /// Ran out of metadata space: the pool would abort the transaction and go read-only
