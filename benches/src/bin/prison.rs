@@ -7,7 +7,12 @@
 //!   once with a no-op waker (they never wait);
 //! - two threads contending for one key (shared, then exclusive): wall time over all
 //!   operations of both threads; waiting futures park the thread and are woken by unpark;
-//! - two threads on disjoint keys: what sharding buys.
+//! - two threads on disjoint keys: what sharding buys;
+//! - uncontended exclusive on ever new keys (`prison_exclusive_distinct_keys`): every lock
+//!   is of a key never locked before, so the prison's idle cells cannot help and each lock
+//!   creates a cell (and evicts an idle one); the baseline map is pre-filled with all those
+//!   keys, so it still only looks up. The same work for both, just many more keys; printed as
+//!   figures only.
 //!
 //! `RATIO value` is baseline ns / our ns: above 1 we are faster.
 
@@ -151,6 +156,37 @@ fn main() {
     });
     let base = per_op_two_threads(nr_contended, |t, i, _| drop(map[&split(t, i)].write()));
     report("prison_exclusive_disjoint_2t", ours, base);
+
+    // Every lock on a key not locked before in this benchmark: no idle cell to reuse.
+    let nr_distinct = nr_iters.min(1 << 20);
+    let distinct: Vec<Key> = (0..nr_distinct)
+        .map(|v| Key::virt(100 + (v % 4) as u32, v * 7))
+        .collect();
+    let distinct_map = baseline_map(&distinct);
+    let fresh = |round: u64, i: u64| {
+        let key = distinct[(i % nr_distinct) as usize];
+        // Each round uses other thins, so that no round finds the last one's idle cells.
+        match key {
+            Key::Virtual(thin, vblock) => {
+                Key::Virtual(bio_prison::ThinId(thin.0 + 8 * round as u32), vblock)
+            }
+            key => key,
+        }
+    };
+    let mut round = 0;
+    let ours = per_op(nr_distinct, |i| {
+        if i == 0 {
+            round += 1;
+        }
+        drop(now(prison.exclusive(fresh(round, i), Level::ReadWrite)))
+    });
+    let base = per_op(nr_distinct, |i| {
+        drop(distinct_map[&distinct[(i % nr_distinct) as usize]].write())
+    });
+    // FIGUREs only: the goal is for the recurring keys above; this shows what a lock costs
+    // when there is nothing to reuse.
+    figure("prison_exclusive_distinct_keys_ns", ours, "ns");
+    figure("prison_exclusive_distinct_keys_rwlock_map_ns", base, "ns");
 
     assert_eq!(prison.nr_cells(), 0, "the benchmark leaked locks");
 }

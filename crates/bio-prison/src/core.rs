@@ -279,7 +279,7 @@ impl Core {
     }
 
     /// A new request for `key` in `mode`: granted, queued (when a waker is given) or refused.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn acquire(&mut self, key: Hashed, mode: Mode, waker: Option<&Waker>) -> Acquired {
         // The fast path: a key whose cell is idle, or held by nobody. With no holder there is
         // no conversion either, with no queue nothing to overtake, and with no fence in the
@@ -382,7 +382,7 @@ impl Core {
     }
 
     /// A holder of `cell` in `mode` lets go.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn release(&mut self, cell: CellId, mode: Mode) {
         let c = &mut self.cells[cell as usize];
         c.unhold(mode);
@@ -565,7 +565,7 @@ impl Core {
 
     /// Puts unused `cell` on the idle list, freeing the least recently used idle cell if that
     /// makes one too many.
-    #[inline]
+    #[inline(always)]
     fn make_idle(&mut self, cell: CellId) {
         self.link_idle(cell);
         if self.nr_idle > self.max_idle {
@@ -589,7 +589,7 @@ impl Core {
     }
 
     /// Appends unused `cell` to the idle list, as its most recently used cell.
-    #[inline]
+    #[inline(always)]
     fn link_idle(&mut self, cell: CellId) {
         let tail = self.idle_tail;
         let c = &mut self.cells[cell as usize];
@@ -606,7 +606,7 @@ impl Core {
     }
 
     /// Takes idle `cell` off the idle list: it is about to be used, or freed.
-    #[inline]
+    #[inline(always)]
     fn unlink_idle(&mut self, cell: CellId) {
         let c = &mut self.cells[cell as usize];
         let (prev, next) = (c.idle_prev, c.idle_next);
@@ -640,5 +640,48 @@ impl Core {
     /// Number of idle cells kept for reuse.
     pub(crate) fn nr_idle_cells(&self) -> usize {
         self.nr_idle
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lock_and_unlock(core: &mut Core, key: Key) {
+        let mode = Mode::Exclusive(Level::ReadWrite);
+        let Acquired::Granted(cell) = core.acquire(Hashed::new(key), mode, None) else {
+            panic!("{key} not granted");
+        };
+        core.release(cell, mode);
+        core.check(0);
+    }
+
+    fn has_cell(core: &Core, key: Key) -> bool {
+        core.index.contains_key(&Hashed::new(key))
+    }
+
+    #[test]
+    fn the_least_recently_used_idle_cell_goes_first() {
+        let mut core = Core::new(2);
+        let (a, b, c) = (Key::virt(1, 1), Key::virt(1, 2), Key::data(1));
+        lock_and_unlock(&mut core, a);
+        lock_and_unlock(&mut core, b);
+        lock_and_unlock(&mut core, a); // a is now the most recently used
+        lock_and_unlock(&mut core, c); // so b goes
+        assert!(has_cell(&core, a) && !has_cell(&core, b) && has_cell(&core, c));
+        assert_eq!((core.nr_cells(), core.nr_idle_cells()), (0, 2));
+        lock_and_unlock(&mut core, b); // b comes back in a new cell; a goes
+        assert!(!has_cell(&core, a) && has_cell(&core, b) && has_cell(&core, c));
+        assert_eq!(core.cells.len(), 2);
+    }
+
+    #[test]
+    fn no_idle_cells_when_the_bound_is_zero() {
+        let mut core = Core::new(0);
+        lock_and_unlock(&mut core, Key::virt(0, 0));
+        assert_eq!(
+            (core.cells.len(), core.index.len(), core.nr_idle),
+            (0, 0, 0)
+        );
     }
 }

@@ -50,7 +50,7 @@ impl<'a> Acquire<'a> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn poll_held(&mut self, cx: &mut Context<'_>) -> Poll<Held<'a>> {
         let granted = match self.state {
             AcquireState::Start => {

@@ -250,7 +250,7 @@ impl Prison {
     }
 
     /// Runs `f` on one shard under its mutex, then wakes whoever `f` granted, unlocked.
-    #[inline]
+    #[inline(always)]
     fn with_core<R>(&self, shard: u32, f: impl FnOnce(&mut Core) -> R) -> R {
         let mut core = self.shards[shard as usize].core.lock();
         let result = f(&mut core);

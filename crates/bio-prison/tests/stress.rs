@@ -302,7 +302,9 @@ fn many_threads_many_tasks_no_conflict_no_stall() {
     let (nr_threads, nr_tasks) = if cfg!(miri) { (2, 3) } else { (3, 8) };
     // Shared by `Arc` and threads left unjoined until they finish, so that threads stuck by a
     // bug can be left behind: the watchdog must fail the test instead of hanging in a join.
-    let prison = Arc::new(Prison::with_shards(4));
+    // Idle-cell bound from the seed: none, few (evictions all the time), or the default.
+    let idle_cells = [0, 2, bio_prison::DEFAULT_IDLE_CELLS_PER_SHARD][(seed % 3) as usize];
+    let prison = Arc::new(Prison::with_shards_and_idle_cells(4, idle_cells));
     let ledger = Arc::new(Ledger::new());
     let nr_done = Arc::new(AtomicU32::new(0));
     let threads: Vec<_> = (0..nr_threads)

@@ -517,6 +517,65 @@ fn memory_follows_locks_in_use() {
     assert_eq!(p.nr_cells(), nr as usize);
     drop(held);
     done(&p);
+    // With nothing in use after the burst, the shard gave back its idle cells too.
+    assert_eq!(p.nr_idle_cells(), 0);
+}
+
+#[test]
+fn idle_cells_stay_bounded_and_are_reused() {
+    let bound = 4;
+    let p = Prison::with_shards_and_idle_cells(1, bound);
+    // Unlocked keys leave idle cells behind, up to the bound and never past it.
+    for v in 0..10 {
+        drop(now(p.exclusive(k(v), LRW)));
+        p.check_invariants();
+        assert_eq!(p.nr_cells(), 0);
+        assert_eq!(p.nr_idle_cells(), (v as usize + 1).min(bound));
+    }
+    // Relocking a key with an idle cell takes it out of the idle list, and back on release.
+    let g = now(p.shared(k(9), R));
+    assert_eq!((p.nr_cells(), p.nr_idle_cells()), (1, bound - 1));
+    p.check_invariants();
+    drop(g);
+    assert_eq!((p.nr_cells(), p.nr_idle_cells()), (0, bound));
+    // A key whose cell was evicted (the least recently used went first) gets a fresh one.
+    let g = now(p.shared(k(0), W));
+    assert_eq!((p.nr_cells(), p.nr_idle_cells()), (1, bound));
+    p.check_invariants();
+    drop(g);
+    done(&p);
+    assert_eq!(p.nr_idle_cells(), bound);
+}
+
+#[test]
+fn idle_cells_behave_like_fresh_ones() {
+    for bound in [0, 1, 2, bio_prison::DEFAULT_IDLE_CELLS_PER_SHARD] {
+        let p = Prison::with_shards_and_idle_cells(2, bound);
+        // Leave idle cells behind, then run every kind of conflict over the same keys.
+        for v in 0..4 {
+            drop(now(p.shared(k(v), R)));
+        }
+        let s = now(p.shared(k(0), R));
+        let mut ex = Probe::new(p.exclusive(k(0), LRW));
+        ex.pending();
+        let fence_guard = now(p.exclusive_range(ThinId(1), VBlock(1)..VBlock(3), LW));
+        assert!(p.try_shared(k(1), W).is_none(), "blocked by the fence");
+        assert!(
+            p.try_shared(k(1), R).is_some(),
+            "readers pass a Level::Write fence"
+        );
+        drop(fence_guard);
+        let u = now(p.upgradable(k(2)));
+        let e = now(u.upgrade(LRW));
+        assert!(p.try_shared(k(2), R).is_none());
+        drop(e);
+        drop(s);
+        assert!(ex.woken());
+        drop(ex.ready());
+        p.check_invariants();
+        assert!(p.nr_idle_cells() <= 2 * bound, "bound {bound}");
+        done(&p);
+    }
 }
 
 #[test]
