@@ -517,8 +517,13 @@ fn memory_follows_locks_in_use() {
     assert_eq!(p.nr_cells(), nr as usize);
     drop(held);
     done(&p);
-    // With nothing in use after the burst, the shard gave back its idle cells too.
-    assert_eq!(p.nr_idle_cells(), 0);
+    if cfg!(miri) {
+        // Below the shrinking size: only the idle-cell bound holds.
+        assert!(p.nr_idle_cells() <= bio_prison::DEFAULT_IDLE_CELLS_PER_SHARD);
+    } else {
+        // With nothing in use after the burst, the shard gave back its idle cells too.
+        assert_eq!(p.nr_idle_cells(), 0);
+    }
 }
 
 #[test]
