@@ -3,13 +3,15 @@
 //! `common` (its header lists everything that is asserted).
 //!
 //! `metadata_matches_the_model` runs 25 seeds of 4000 operations (100,000 in all) over
-//! varied shapes; `deep_trees_match_the_model` grows mapping trees to three levels, which
-//! the random shapes rarely reach. Environment, for both:
-//! - `THIN_MODEL_SEED=<n>` runs only seed n (a failure prints the seed to replay);
-//! - `THIN_MODEL_SEEDS=<n>` runs seeds 0..n instead of the default count;
-//! - `THIN_MODEL_OPS=<n>` sets the operations per seed.
+//! varied shapes; `deep_trees_match_the_model` runs 2 seeds of 1500 operations that grow
+//! mapping trees to three levels, which the random shapes rarely reach. Environment, with
+//! prefix `THIN_MODEL` for the first and `THIN_MODEL_DEEP` for the second:
+//! - `<PREFIX>_SEED=<n>` runs only seed n (a failure prints the variable to replay it);
+//! - `<PREFIX>_SEEDS=<n>` runs seeds 0..n instead of the default count;
+//! - `<PREFIX>_OPS=<n>` sets the operations per seed.
 //!
-//! Heavy in debug builds; CI runs it with `cargo test --release`.
+//! Debug builds run smoke sizes by default (1000 operations a seed; one deep seed of 300,
+//! without the depth assertion); CI runs the full sizes with `cargo test --release`.
 
 #[allow(dead_code)] // Each test binary uses a different part of the shared model.
 mod common;
@@ -34,14 +36,36 @@ fn env_u64(name: &str) -> Option<u64> {
 
 #[test]
 fn metadata_matches_the_model() {
-    let height = run_seeds("metadata_matches_the_model", 25, 4000, Config::random);
+    let ops = if cfg!(debug_assertions) { 1000 } else { 4000 };
+    let height = run_seeds(
+        "metadata_matches_the_model",
+        "THIN_MODEL",
+        25,
+        ops,
+        Config::random,
+    );
     assert!(height >= 2, "no workload grew a mapping tree past one leaf");
 }
 
 #[test]
 fn deep_trees_match_the_model() {
-    let height = run_seeds("deep_trees_match_the_model", 2, 1500, Config::deep);
-    if std::env::var("THIN_MODEL_SEED").is_err() {
+    let (seeds, ops) = if cfg!(debug_assertions) {
+        (1, 300)
+    } else {
+        (2, 1500)
+    };
+    let height = run_seeds(
+        "deep_trees_match_the_model",
+        "THIN_MODEL_DEEP",
+        seeds,
+        ops,
+        Config::deep,
+    );
+    // Smaller or replayed runs need not get that deep.
+    let defaults = ["SEED", "SEEDS", "OPS"]
+        .iter()
+        .all(|v| std::env::var(format!("THIN_MODEL_DEEP_{v}")).is_err());
+    if defaults && !cfg!(debug_assertions) {
         assert!(
             height >= 3,
             "the deep workloads no longer grow three-level mapping trees"
@@ -53,14 +77,15 @@ fn deep_trees_match_the_model() {
 /// tree any seed ended with. Prints one summary line.
 fn run_seeds(
     test: &str,
+    prefix: &str,
     default_seeds: u64,
     default_ops: u64,
     shape: fn(&mut SmallRng) -> Config,
 ) -> usize {
-    let ops = env_u64("THIN_MODEL_OPS").unwrap_or(default_ops);
-    let seeds: Vec<u64> = match env_u64("THIN_MODEL_SEED") {
+    let ops = env_u64(&format!("{prefix}_OPS")).unwrap_or(default_ops);
+    let seeds: Vec<u64> = match env_u64(&format!("{prefix}_SEED")) {
         Some(seed) => vec![seed],
-        None => (0..env_u64("THIN_MODEL_SEEDS").unwrap_or(default_seeds)).collect(),
+        None => (0..env_u64(&format!("{prefix}_SEEDS")).unwrap_or(default_seeds)).collect(),
     };
     let started = std::time::Instant::now();
     let mut total = Stats::default();
@@ -74,8 +99,8 @@ fn run_seeds(
                 .or_else(|| p.downcast_ref::<&str>().copied())
                 .unwrap_or("(non-string panic)");
             panic!(
-                "{test} failed with seed {seed}; replay with THIN_MODEL_SEED={seed} \
-                 THIN_MODEL_OPS={ops} cargo test --release -p thin-metadata --test model \
+                "{test} failed with seed {seed}; replay with {prefix}_SEED={seed} \
+                 {prefix}_OPS={ops} cargo test --release -p thin-metadata --test model \
                  {test}:\n{msg}"
             )
         });
