@@ -22,6 +22,8 @@ use common::{Config, Stats, Workload};
 use rand::{rngs::SmallRng, SeedableRng};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use thin_metadata::format::ENTRIES_PER_BITMAP;
+use thin_metadata::ThinMetadata;
 
 /// 64 MiB of metadata: room for every workload shape without running out.
 const NR_META_BLOCKS: u64 = 16384;
@@ -127,7 +129,7 @@ fn run_seed(seed: u64, ops: u64, shape: fn(&mut SmallRng) -> Config) -> (Stats, 
     w.verify_all();
     w.commit();
     w.verify_all();
-    let md = thin_metadata::ThinMetadata::open(w.dev.clone());
+    let md = ThinMetadata::open(w.dev.clone());
     w.md = md.unwrap_or_else(|e| w.fail(format!("final open failed: {e}")));
     w.verify_all();
     w.check_committed();
@@ -152,4 +154,126 @@ fn run_seed(seed: u64, ops: u64, shape: fn(&mut SmallRng) -> Config) -> (Stats, 
         .max()
         .unwrap_or(0);
     (w.stats, height)
+}
+
+/// Growing the metadata device under a workload: whenever free metadata runs low the device
+/// and then the metadata space grow (doubling, so the space crosses into a second bitmap at
+/// 16320 blocks) and the growth is committed; the model must keep matching, reopens must
+/// show the new size, and the checker must stay clean. `THIN_MODEL_GROW_SEED` replays one
+/// seed.
+#[test]
+fn metadata_growth_keeps_the_model() {
+    let seeds: Vec<u64> = match env_u64("THIN_MODEL_GROW_SEED") {
+        Some(seed) => vec![seed],
+        None => (0..3).collect(),
+    };
+    let ops = if cfg!(debug_assertions) { 600 } else { 3000 };
+    let (mut grown, mut largest) = (0, 0);
+    for seed in seeds {
+        let run = catch_unwind(AssertUnwindSafe(|| grow_seed(seed, ops)));
+        let (n, size) = run.unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("(non-string panic)");
+            panic!(
+                "metadata_growth_keeps_the_model failed with seed {seed}; replay with \
+                 THIN_MODEL_GROW_SEED={seed}:\n{msg}"
+            )
+        });
+        grown += n;
+        largest = largest.max(size);
+    }
+    println!("MODEL test=metadata_growth_keeps_the_model grown={grown} largest={largest}");
+    assert!(
+        largest > ENTRIES_PER_BITMAP,
+        "the metadata never grew into a second bitmap"
+    );
+}
+
+/// Returns how many times the metadata grew, and its final size.
+fn grow_seed(seed: u64, ops: u64) -> (u64, u64) {
+    let dev = Arc::new(MemMetaDevice::new(200));
+    let cfg = Config {
+        nr_data_blocks: 60_000,
+        max_vblock: 5000,
+        nr_thin_ids: 6,
+        max_run: 300,
+        shrink_rarity: 3,
+        commit_ops: true,
+        cache_nodes: None,
+    };
+    let mut w = Workload::format(dev.clone(), cfg, seed);
+    let mut grown = 0;
+    for i in 0..ops {
+        w.step();
+        let s = w.md.status();
+        let cur = s.nr_metadata_blocks;
+        // Double when running low; besides, step through sizes that add bitmaps.
+        let new = if i % 20 == 0 && s.nr_free_metadata_blocks < s.metadata_reserve_blocks + 300 {
+            cur * 2
+        } else if i % (ops / 4) == ops / 4 - 1 {
+            [cur, 1600, ENTRIES_PER_BITMAP + 1000, 40_000][(i / (ops / 4)) as usize % 4]
+        } else {
+            cur
+        };
+        let new = new.min(40_000);
+        if new > cur {
+            dev.grow(new);
+            let r = w.md.grow_metadata(new);
+            if let Err(e) = r {
+                w.fail(format!("grow_metadata({new}) failed: {e}"));
+            }
+            w.commit();
+            grown += 1;
+            let md = ThinMetadata::open(w.dev.clone())
+                .unwrap_or_else(|e| w.fail(format!("reopen after growing: {e}")));
+            if md.status().nr_metadata_blocks != new {
+                w.fail(format!("reopened metadata lost its growth to {new} blocks"));
+            }
+            w.md = md;
+            w.verify_all();
+            w.check_committed();
+        }
+    }
+    w.commit();
+    w.verify_all();
+    w.check_committed();
+    (grown, w.md.status().nr_metadata_blocks)
+}
+
+/// Regression test: giving back a data block that is not allocated (a caller's double
+/// release) is reported as `Error::Corrupt { block: <the data block>, .. }` ("metadata block
+/// 5 is corrupt: data block 5 is released but its reference count is 0"), though nothing on
+/// disk is damaged and `block` is documented as a metadata block. A pool that reacts to
+/// `is_corrupt()` (needs_check, read-only) would do so for its own bug; the same goes for a
+/// block past the end of the data space. Expected: `InvalidArgument`, as `insert` gives for
+/// an unallocated block.
+#[test]
+#[ignore = "bug: release_data_block of an unallocated or out-of-range data block returns \
+            Corrupt naming the data block as a metadata block, not InvalidArgument"]
+fn releasing_an_unallocated_data_block_is_a_caller_error() {
+    use thin_metadata::{DataBlock, Error, FormatOptions};
+    let dev = Arc::new(MemMetaDevice::new(1024));
+    let opts = FormatOptions {
+        data_block_size_sectors: 128,
+        nr_data_blocks: 100,
+    };
+    let md = ThinMetadata::format(dev, opts).expect("format");
+    for block in [5, 100, 1 << 30] {
+        let r = md.release_data_block(DataBlock(block));
+        assert!(
+            matches!(r, Err(Error::InvalidArgument(_))),
+            "release_data_block({block}) of an unallocated block gave {r:?}"
+        );
+    }
+    let b = md.alloc_data_block().expect("alloc");
+    md.release_data_block(b).expect("first release");
+    let r = md.release_data_block(b);
+    assert!(
+        matches!(r, Err(Error::InvalidArgument(_))),
+        "a second release of data block {} gave {r:?}",
+        b.0
+    );
 }
