@@ -277,3 +277,40 @@ fn releasing_an_unallocated_data_block_is_a_caller_error() {
         b.0
     );
 }
+
+/// The needs_check flag survives a commit and a reopen, refuses every change with
+/// `NeedsCheck` while lookups go on, and clearing it makes the metadata writable again.
+#[test]
+fn needs_check_refuses_changes_until_cleared() {
+    use thin_metadata::{Error, FormatOptions, Lookup, ThinId, VBlock};
+    let dev = Arc::new(MemMetaDevice::new(1024));
+    let opts = FormatOptions {
+        data_block_size_sectors: 128,
+        nr_data_blocks: 100,
+    };
+    let md = ThinMetadata::format(dev.clone(), opts).expect("format");
+    md.create_thin(ThinId(1)).expect("create");
+    let b = md.alloc_data_block().expect("alloc");
+    md.insert(ThinId(1), VBlock(7), b).expect("insert");
+    md.set_needs_check();
+    md.commit().expect("commit with the flag");
+    let md = ThinMetadata::open(dev.clone()).expect("reopen");
+    assert!(md.status().needs_check, "the flag must survive a reopen");
+    let refused = [
+        md.create_thin(ThinId(2)).err(),
+        md.alloc_data_block().err(),
+        md.remove(ThinId(1), VBlock(7)).err(),
+        md.delete_thin(ThinId(1)).err(),
+        md.set_transaction_id(0, 1).err(),
+    ];
+    for r in refused {
+        assert!(matches!(r, Some(Error::NeedsCheck)), "a change gave {r:?}");
+    }
+    let found = md.lookup(ThinId(1), VBlock(7)).expect("lookups go on");
+    assert!(matches!(found, Lookup::Provisioned { data_block, .. } if data_block == b));
+    md.clear_needs_check();
+    md.commit().expect("commit without the flag");
+    let md = ThinMetadata::open(dev).expect("reopen");
+    assert!(!md.status().needs_check);
+    md.create_thin(ThinId(2)).expect("writable again");
+}

@@ -19,7 +19,9 @@
 //!   (a crash would then find the committed mapping pointing at overwritten data);
 //! - `NoSpace(Data)` while an allocatable block exists, or success when none does;
 //! - free counts, transaction id or time that differ from the model;
-//! - `abort` or a reopen that yields anything but the last committed state.
+//! - `abort` or a reopen that yields anything but the last committed state;
+//! - at every reopen, `thin_metadata::check` finding a problem in the committed metadata, or
+//!   counting thins, data blocks in use or the transaction id differently.
 
 pub mod blocks;
 mod state;
