@@ -372,15 +372,124 @@ fn examine(
     }
 }
 
-/// Continues the workload from a crash image showing committed state `st`.
-fn restart(w: &mut Workload, image: &MemMetaDevice, st: State) -> Arc<Tap> {
-    let tap = Tap::new(FaultyMetaDevice::from_image(image));
-    let md = ThinMetadata::open(tap.clone())
-        .unwrap_or_else(|e| w.fail(format!("reopening a judged crash image: {e}")));
-    w.md = md;
-    w.dev = tap.clone();
-    w.model = Model::new(st);
-    tap
+/// One seed's run: the workload, its device, and what the next commit is expected to cost.
+struct Run<'a> {
+    w: Workload,
+    tap: Arc<Tap>,
+    rng: SmallRng,
+    cfg: Config,
+    /// Operations and writes of the last commit, to aim crash points inside the next one.
+    est_ops: u64,
+    est_writes: u64,
+    crash_seed: u64,
+    judge: Judge<'a>,
+}
+
+impl Run<'_> {
+    /// Crashes inside a commit that runs to the end, and after it.
+    fn crash_during_successful_commit(&mut self, prev: &State, new: &State) {
+        let span = self.est_ops + self.est_ops / 3 + 4;
+        let at: BTreeSet<u64> = (0..self.rng.gen_range(1..4))
+            .map(|_| self.rng.gen_range(0..span))
+            .collect();
+        self.tap.arm(at, self.rng.gen_bool(0.5), self.crash_seed);
+        let r = self.w.md.commit();
+        let (nr_ops, nr_writes, _, captures) = self.tap.disarm();
+        (self.est_ops, self.est_writes) = (nr_ops.max(4), nr_writes.max(2));
+        if let Err(e) = r {
+            self.w.fail(format!("commit without faults failed: {e}"));
+        }
+        self.w.model.commit();
+        let mut shown = Vec::new();
+        for c in &captures {
+            let allowed = if c.superblock_issued {
+                Allowed::Either
+            } else {
+                Allowed::Previous
+            };
+            self.judge.totals.mid_commit += 1;
+            if let Some(st) = self.judge.judge(&c.image, prev, new, allowed, &c.what) {
+                shown.push((c, st));
+            }
+        }
+        self.crash_after_commit(prev, new);
+        // Now and then carry on from a mid-commit crash instead.
+        if !shown.is_empty() && self.rng.gen_bool(0.2) {
+            let (c, st) = shown.swap_remove(self.rng.gen_range(0..shown.len()));
+            self.restart(&c.image, st);
+        }
+    }
+
+    /// A crash after a commit returned Ok: only the new state may show.
+    fn crash_after_commit(&mut self, prev: &State, new: &State) {
+        let seed = self.crash_seed;
+        let image = self.tap.dev.crash_image_with(seed, crash_config(seed));
+        self.judge.totals.after_commit += 1;
+        let what = "after the commit returned";
+        self.judge.judge(&image, prev, new, Allowed::New, what);
+    }
+
+    /// A commit stopped part-way by an I/O error, then a crash, then recovery from it.
+    fn crash_during_failed_commit(&mut self, prev: &State, new: &State) {
+        let fault = match self.rng.gen_range(0..3) {
+            0 => Fault::AfterOps(self.rng.gen_range(0..self.est_ops + 4)),
+            1 => Fault::NthWrite(self.rng.gen_range(1..self.est_writes + 3)),
+            _ => Fault::NthFlush(self.rng.gen_range(1..=2)),
+        };
+        self.tap.arm(BTreeSet::new(), false, self.crash_seed);
+        self.tap.dev.add_fault(fault);
+        let r = self.w.md.commit();
+        self.tap.dev.clear_faults();
+        let (_, _, superblock_issued, _) = self.tap.disarm();
+        let e = match r {
+            Ok(()) => {
+                // The fault lay beyond the commit's last operation.
+                self.w.model.commit();
+                self.crash_after_commit(prev, new);
+                return;
+            }
+            Err(e) => e,
+        };
+        if !matches!(e, Error::Io { .. }) {
+            self.w.fail(format!(
+                "commit under {fault:?} failed with a non-I/O error: {e}"
+            ));
+        }
+        if self.w.md.create_thin(ThinId(1 << 22)).is_ok() {
+            self.w.fail(format!(
+                "metadata accepts changes after a failed commit ({e})"
+            ));
+        }
+        self.judge.totals.failed_commits += 1;
+        let allowed = if superblock_issued {
+            Allowed::Either
+        } else {
+            Allowed::Previous
+        };
+        let seed = self.crash_seed;
+        let image = self.tap.dev.crash_image_with(seed, crash_config(seed));
+        let what = format!("commit failed under {fault:?}");
+        match self.judge.judge(&image, prev, new, allowed, &what) {
+            Some(st) => self.restart(&image, st),
+            // Already counted as a failure; carry on from fresh metadata.
+            None => {
+                self.tap = Tap::new(FaultyMetaDevice::new(NR_META_BLOCKS));
+                self.w = Workload::format(self.tap.clone(), self.cfg, seed);
+            }
+        }
+    }
+
+    /// Continues the workload from a crash image showing committed state `st`.
+    fn restart(&mut self, image: &MemMetaDevice, st: State) {
+        self.judge.totals.restarts += 1;
+        let tap = Tap::new(FaultyMetaDevice::from_image(image));
+        let md = ThinMetadata::open(tap.clone())
+            .unwrap_or_else(|e| self.w.fail(format!("reopening a judged crash image: {e}")));
+        self.w.md = md;
+        self.w.dev = tap.clone();
+        self.w.model = Model::new(st);
+        self.tap = tap;
+    }
 }
 
 fn run_seed(seed: u64, nr_points: u64, tools: Option<&Tools>, totals: &mut Totals) {
@@ -395,134 +504,40 @@ fn run_seed(seed: u64, nr_points: u64, tools: Option<&Tools>, totals: &mut Total
         commit_ops: false,
         cache_nodes: rng.gen_bool(0.5).then_some(64),
     };
-    let mut tap = Tap::new(FaultyMetaDevice::new(NR_META_BLOCKS));
-    let mut w = Workload::format(tap.clone(), cfg, seed);
-    // Operations and writes of the last commit, to aim crash points inside the next one.
-    let (mut est_ops, mut est_writes) = (40u64, 30u64);
+    let tap = Tap::new(FaultyMetaDevice::new(NR_META_BLOCKS));
     let end = totals.points + nr_points;
-    let mut crash_seed = seed << 32;
-    let mut judge = Judge {
-        tools,
-        dir: &dir,
-        totals,
-        seed,
-        in_flight: VecDeque::new(),
-        failed_points: HashSet::new(),
+    let mut run = Run {
+        w: Workload::format(tap.clone(), cfg, seed),
+        tap,
+        rng,
+        cfg,
+        est_ops: 40,
+        est_writes: 30,
+        crash_seed: seed << 32,
+        judge: Judge {
+            tools,
+            dir: &dir,
+            totals,
+            seed,
+            in_flight: VecDeque::new(),
+            failed_points: HashSet::new(),
+        },
     };
-    while judge.totals.points < end {
-        for _ in 0..rng.gen_range(1..40) {
-            w.step();
+    while run.judge.totals.points < end {
+        for _ in 0..run.rng.gen_range(1..40) {
+            run.w.step();
         }
-        w.release_pending();
-        let prev = w.model.committed.clone();
-        let new = w.model.cur.clone();
-        crash_seed += 1000;
-        if rng.gen_bool(0.7) {
-            // Crashes inside a commit that runs to the end.
-            let span = est_ops + est_ops / 3 + 4;
-            let at: BTreeSet<u64> = (0..rng.gen_range(1..4))
-                .map(|_| rng.gen_range(0..span))
-                .collect();
-            tap.arm(at, rng.gen_bool(0.5), crash_seed);
-            let r = w.md.commit();
-            let (nr_ops, nr_writes, _, captures) = tap.disarm();
-            (est_ops, est_writes) = (nr_ops.max(4), nr_writes.max(2));
-            if let Err(e) = r {
-                w.fail(format!("commit without faults failed: {e}"));
-            }
-            w.model.commit();
-            let mut shown = Vec::new();
-            for c in &captures {
-                let allowed = if c.superblock_issued {
-                    Allowed::Either
-                } else {
-                    Allowed::Previous
-                };
-                judge.totals.mid_commit += 1;
-                if let Some(st) = judge.judge(&c.image, &prev, &new, allowed, &c.what) {
-                    shown.push((c, st));
-                }
-            }
-            let image = tap
-                .dev
-                .crash_image_with(crash_seed, crash_config(crash_seed));
-            judge.totals.after_commit += 1;
-            judge.judge(
-                &image,
-                &prev,
-                &new,
-                Allowed::New,
-                "after the commit returned",
-            );
-            // Now and then carry on from a mid-commit crash instead.
-            if !shown.is_empty() && rng.gen_bool(0.2) {
-                let (c, st) = shown.swap_remove(rng.gen_range(0..shown.len()));
-                judge.totals.restarts += 1;
-                tap = restart(&mut w, &c.image, st);
-            }
+        run.w.release_pending();
+        let prev = run.w.model.committed.clone();
+        let new = run.w.model.cur.clone();
+        run.crash_seed += 1000;
+        if run.rng.gen_bool(0.7) {
+            run.crash_during_successful_commit(&prev, &new);
         } else {
-            // A commit stopped part-way by an I/O error, then a crash.
-            let fault = match rng.gen_range(0..3) {
-                0 => Fault::AfterOps(rng.gen_range(0..est_ops + 4)),
-                1 => Fault::NthWrite(rng.gen_range(1..est_writes + 3)),
-                _ => Fault::NthFlush(rng.gen_range(1..=2)),
-            };
-            tap.arm(BTreeSet::new(), false, crash_seed);
-            tap.dev.add_fault(fault);
-            let r = w.md.commit();
-            tap.dev.clear_faults();
-            let (_, _, superblock_issued, _) = tap.disarm();
-            let image = tap
-                .dev
-                .crash_image_with(crash_seed, crash_config(crash_seed));
-            match r {
-                Ok(()) => {
-                    // The fault lay beyond the commit's last operation.
-                    w.model.commit();
-                    judge.totals.after_commit += 1;
-                    judge.judge(
-                        &image,
-                        &prev,
-                        &new,
-                        Allowed::New,
-                        "after the commit returned",
-                    );
-                }
-                Err(e) => {
-                    if !matches!(e, Error::Io { .. }) {
-                        w.fail(format!(
-                            "commit under {fault:?} failed with a non-I/O error: {e}"
-                        ));
-                    }
-                    let refused = w.md.create_thin(ThinId(1 << 22));
-                    if refused.is_ok() {
-                        w.fail(format!(
-                            "metadata accepts changes after a failed commit ({e})"
-                        ));
-                    }
-                    judge.totals.failed_commits += 1;
-                    let allowed = if superblock_issued {
-                        Allowed::Either
-                    } else {
-                        Allowed::Previous
-                    };
-                    let what = format!("commit failed under {fault:?}");
-                    let shown = judge.judge(&image, &prev, &new, allowed, &what);
-                    // Recovery: carry on from what the crash left (the model's guess if it
-                    // was judged inconsistent, which fails the test anyway).
-                    judge.totals.restarts += 1;
-                    match shown {
-                        Some(st) => tap = restart(&mut w, &image, st),
-                        None => {
-                            tap = Tap::new(FaultyMetaDevice::new(NR_META_BLOCKS));
-                            w = Workload::format(tap.clone(), cfg, crash_seed);
-                        }
-                    }
-                }
-            }
+            run.crash_during_failed_commit(&prev, &new);
         }
     }
-    judge.finish();
+    run.judge.finish();
 }
 
 #[test]
