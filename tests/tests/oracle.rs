@@ -18,7 +18,6 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use thin_metadata::check::{Problem, ProblemKind};
 use thin_metadata::{DataBlock, Lookup, ThinId, ThinMetadata, VBlock, MAX_THIN_ID};
 use ublk_thin_tests::model::blocks::{classify, Kind, Tree};
 use ublk_thin_tests::model::{compare_state, Config, Workload};
@@ -262,19 +261,6 @@ fn check_lookups(md: &ThinMetadata, dump: &Dump, rng: &mut SmallRng) -> Result<u
     Ok(n)
 }
 
-/// The checker's known false positives on thin_restore's space map hints (see the
-/// `our_check_accepts_*` tests).
-fn thin_restore_hint(p: &Problem) -> bool {
-    p.kind == ProblemKind::SpaceMapIndex
-        && [
-            " free, the bitmap has ",
-            "none is free before",
-            "blocks are allocated, the bitmaps",
-        ]
-        .iter()
-        .any(|s| p.detail.contains(s))
-}
-
 #[test]
 fn thin_restore_output_opens_and_agrees_with_the_xml() {
     let test = "thin_restore_output_opens_and_agrees_with_the_xml";
@@ -324,7 +310,6 @@ fn thin_restore_output_opens_and_agrees_with_the_xml() {
         let mut w = Workload::resume(dev, md, st, cfg, seed);
         // Until the two `our_check_accepts_*` tests below pass: thin_restore's space map
         // hints survive until our commits rewrite them.
-        w.check_tolerates = thin_restore_hint;
         w.verify_all();
         for _ in 0..ops {
             w.step();
@@ -453,8 +438,6 @@ fn restore_minimal(tools: &Tools, dir: &ScratchDir) -> FileMetaDevice {
 /// kernel accept either); our check accepts only the kernel's: "data space map index entry
 /// of bitmap 1 says 3680 free, the bitmap has 16320".
 #[test]
-#[ignore = "bug: check rejects the in-range nr_free thin_restore writes for a partial last \
-            bitmap, which thin_check and the kernel accept"]
 fn our_check_accepts_in_range_free_counts_of_a_partial_bitmap() {
     let test = "our_check_accepts_in_range_free_counts_of_a_partial_bitmap";
     let Some(tools) = Tools::find(test) else {
@@ -479,8 +462,6 @@ fn our_check_accepts_in_range_free_counts_of_a_partial_bitmap() {
 /// check, and that the kernel only uses to skip full bitmaps and to report free space. Our
 /// check reports all three as damage; it should at most warn.
 #[test]
-#[ignore = "bug: check reports thin_restore's stale-by-one metadata space map hints as damage; \
-            thin_check accepts them"]
 fn our_check_accepts_thin_restores_metadata_space_map_hints() {
     let test = "our_check_accepts_thin_restores_metadata_space_map_hints";
     let Some(tools) = Tools::find(test) else {

@@ -181,7 +181,19 @@ impl ThinMetadata {
 
     /// Drops a reference to a data block obtained from `alloc_data_block`.
     pub fn release_data_block(&self, block: DataBlock) -> Result<()> {
-        self.change(|inner| inner.store.data_sm.dec(block.0).map(drop))
+        self.change(|inner| {
+            // Releasing a block the caller does not hold is the caller's bug, not damage on
+            // disk: say so, and leave the counts alone.
+            let sm = &mut inner.store.data_sm;
+            if block.0 >= sm.nr_blocks() || sm.get(block.0) == 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "data block {} is not allocated (pool has {} data blocks)",
+                    block.0,
+                    sm.nr_blocks()
+                )));
+            }
+            sm.dec(block.0).map(drop)
+        })
     }
 
     /// The reference count of a data block.

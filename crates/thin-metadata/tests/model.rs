@@ -251,8 +251,6 @@ fn grow_seed(seed: u64, ops: u64) -> (u64, u64) {
 /// block past the end of the data space. Expected: `InvalidArgument`, as `insert` gives for
 /// an unallocated block.
 #[test]
-#[ignore = "bug: release_data_block of an unallocated or out-of-range data block returns \
-            Corrupt naming the data block as a metadata block, not InvalidArgument"]
 fn releasing_an_unallocated_data_block_is_a_caller_error() {
     use thin_metadata::{DataBlock, Error, FormatOptions};
     let dev = Arc::new(MemMetaDevice::new(1024));

@@ -163,6 +163,7 @@ pub fn check(dev: &dyn MetaDevice, opts: &CheckOptions) -> CheckReport {
     w.problems.finish();
     report.problems = std::mem::take(&mut w.problems.list);
     report.nr_problems_omitted = w.problems.nr_omitted;
+    report.notes = std::mem::take(&mut w.notes);
     report.nr_thins = totals.nr_thins;
     report.nr_mappings = totals.nr_mappings;
     report.nr_metadata_blocks_used = w.meta.nr_nonzero();

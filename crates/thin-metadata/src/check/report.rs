@@ -145,6 +145,11 @@ pub struct CheckReport {
     /// Problems counted but not listed because their kind hit its cap; each capped kind
     /// also has one summary problem in `problems`.
     pub nr_problems_omitted: u64,
+    /// Harmless disagreements that do not make the metadata unclean: space-map search hints
+    /// (index free counts, none_free_before, the root's allocated total) that differ from
+    /// the bitmaps. The kernel tolerates them and thin_check ignores them; thin_restore
+    /// writes some. At most 100 are kept.
+    pub notes: Vec<Problem>,
     /// Thins in the device details tree.
     pub nr_thins: u64,
     /// Mappings of all thins (a block shared by two thins counts twice).

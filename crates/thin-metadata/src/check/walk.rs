@@ -86,6 +86,9 @@ pub(super) type LeafFn<'f> = dyn FnMut(&mut Walker<'_>, &Leaf<'_>) + 'f;
 /// The reporting callback of `CheckOptions`.
 pub(super) type Progress = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
+/// Notes kept at most.
+const MAX_NOTES: usize = 100;
+
 /// State of one check: counts, remembered nodes, problems, and where the walk is.
 pub(super) struct Walker<'d> {
     dev: &'d dyn MetaDevice,
@@ -97,6 +100,8 @@ pub(super) struct Walker<'d> {
     pub data: RefCounter,
     nodes: HashMap<u64, NodeInfo>,
     pub problems: Problems,
+    /// Harmless disagreements (see `CheckReport::notes`).
+    pub notes: Vec<Problem>,
     /// Blocks from the current tree's root to the node being checked.
     pub path: Vec<u64>,
     /// The thin whose mappings are being walked.
@@ -125,6 +130,7 @@ impl<'d> Walker<'d> {
             data: RefCounter::new(nr_data),
             nodes: HashMap::new(),
             problems: Problems::default(),
+            notes: Vec::new(),
             path: Vec::new(),
             thin: None,
             scope: "",
@@ -160,6 +166,15 @@ impl<'d> Walker<'d> {
     ) {
         let p = self.problem(block, kind, key_range, detail);
         self.problems.push(p);
+    }
+
+    /// Records a harmless disagreement: a hint the kernel recomputes or tolerates, which
+    /// thin_check does not judge either. It does not make the report unclean.
+    pub fn note(&mut self, block: Option<u64>, kind: ProblemKind, detail: String) {
+        if self.notes.len() < MAX_NOTES {
+            let p = self.problem(block, kind, None, detail);
+            self.notes.push(p);
+        }
     }
 
     /// Reads a metadata block, reporting progress now and then.

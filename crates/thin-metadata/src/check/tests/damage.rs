@@ -143,13 +143,16 @@ fn bumped_and_dropped_bitmap_counts_name_the_block() {
     let p = expect_at(&r, ProblemKind::DataRefCount, data_bitmap);
     assert_eq!(p.data_block, Some(d));
     assert!(p.detail.contains("count 2, but 1"), "{p}");
-    // One more block in use than before: the index entry's free count is now wrong too.
+    // One more block in use than before: the index entry's free count is now a stale hint,
+    // which is noted (not damage), beside the one real count problem.
     set_bitmap_count(&dev, meta_bitmap, root, 1);
     let r = check_dev(&dev);
-    expect_at(
-        &r,
-        ProblemKind::SpaceMapIndex,
-        superblock(&dev).metadata_sm_root.bitmap_root,
+    let index = superblock(&dev).metadata_sm_root.bitmap_root;
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.kind == ProblemKind::SpaceMapIndex && n.block == Some(index)),
+        "{r:?}"
     );
     assert_eq!(r.of_kind(ProblemKind::MetadataRefCount).count(), 1, "{r}");
 }
@@ -240,7 +243,7 @@ fn two_problems_far_apart_are_both_reported() {
 }
 
 #[test]
-fn index_entry_with_wrong_free_count() {
+fn index_entry_with_wrong_free_count_is_a_note_not_damage() {
     let (dev, _md) = pool_with_thin(100);
     let index_root = superblock(&dev).data_sm_root.bitmap_root;
     let mut node = read_node(&dev, index_root, 16);
@@ -248,8 +251,16 @@ fn index_entry_with_wrong_free_count() {
     e.nr_free -= 1;
     node.set_value(0, &e.encode());
     write_node(&dev, index_root, &node);
-    let p = expect_at(&check_dev(&dev), ProblemKind::SpaceMapIndex, index_root);
-    assert!(p.detail.contains("free"), "{p}");
+    // A search hint the kernel tolerates (and thin_check ignores): noted, not damage.
+    let r = check_dev(&dev);
+    assert!(r.is_clean(), "{r}");
+    let note = r
+        .notes
+        .iter()
+        .find(|n| n.kind == ProblemKind::SpaceMapIndex);
+    let note = note.expect("the wrong free count is noted");
+    assert_eq!(note.block, Some(index_root));
+    assert!(note.detail.contains("free"), "{note}");
 }
 
 #[test]

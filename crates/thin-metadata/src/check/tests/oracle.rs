@@ -144,14 +144,6 @@ fn damage_only_we_find() {
             node.set_value(0, &d.encode());
             write_node(dev, root, &node);
         }),
-        ("index nr_free", |dev, _| {
-            let root = superblock(dev).data_sm_root.bitmap_root;
-            let mut node = read_node(dev, root, 16);
-            let mut e = IndexEntry::decode(node.value(0));
-            e.nr_free -= 1;
-            node.set_value(0, &e.encode());
-            write_node(dev, root, &node);
-        }),
     ];
     for (name, damage) in cases {
         let (dev, md) = pool_with_thin(300);
