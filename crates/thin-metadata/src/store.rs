@@ -51,11 +51,19 @@ impl NodeCache {
     }
 }
 
+/// Shards of the node cache: lookups on different threads mostly take different mutexes,
+/// each on its own cache line, instead of all bouncing one.
+const CACHE_SHARDS: usize = 16;
+
+#[derive(Debug)]
+#[repr(align(128))]
+struct CacheShard(Mutex<NodeCache>);
+
 /// Metadata blocks, their cache, and the reference counts of both spaces.
 #[derive(Debug)]
 pub(crate) struct Store {
     pub dev: Arc<dyn MetaDevice>,
-    cache: Mutex<NodeCache>,
+    cache: Box<[CacheShard]>,
     /// Nodes written in the current transaction (all in blocks allocated in it).
     pub dirty: HashMap<u64, Arc<Node>>,
     /// Nodes of a commit whose writes are not yet durable.
@@ -72,11 +80,15 @@ impl Store {
     pub fn new(dev: Arc<dyn MetaDevice>, meta_sm: SpaceMap, data_sm: SpaceMap) -> Self {
         Store {
             dev,
-            cache: Mutex::new(NodeCache {
-                map: HashMap::new(),
-                clock: 0,
-                capacity: DEFAULT_CACHE_NODES,
-            }),
+            cache: (0..CACHE_SHARDS)
+                .map(|_| {
+                    CacheShard(Mutex::new(NodeCache {
+                        map: HashMap::new(),
+                        clock: 0,
+                        capacity: DEFAULT_CACHE_NODES / CACHE_SHARDS,
+                    }))
+                })
+                .collect(),
             dirty: HashMap::new(),
             committing: HashMap::new(),
             meta_sm,
@@ -86,9 +98,16 @@ impl Store {
         }
     }
 
+    fn shard(&self, b: u64) -> &Mutex<NodeCache> {
+        // Neighbouring blocks (often written together) land in different shards.
+        &self.cache[(b % CACHE_SHARDS as u64) as usize].0
+    }
+
     /// Sets how many clean nodes the cache keeps.
     pub fn set_cache_capacity(&self, nodes: usize) {
-        self.cache.lock().capacity = nodes.max(64);
+        for shard in self.cache.iter() {
+            shard.0.lock().capacity = (nodes / CACHE_SHARDS).max(64);
+        }
     }
 
     /// Reads a raw block from the device.
@@ -110,7 +129,7 @@ impl Store {
         let cached = match self.dirty.get(&b).or_else(|| self.committing.get(&b)) {
             Some(n) => Some(n.clone()),
             // The guard must end here, before the miss path locks the cache again.
-            None => self.cache.lock().get(b),
+            None => self.shard(b).lock().get(b),
         };
         let node = if let Some(n) = cached {
             n
@@ -126,7 +145,7 @@ impl Store {
             }
             let raw = self.read_raw(b)?;
             let n = Arc::new(Node::decode(&raw, b, leaf_value_size)?);
-            self.cache.lock().insert(b, n.clone());
+            self.shard(b).lock().insert(b, n.clone());
             n
         };
         let expected = match node.kind {
@@ -181,7 +200,7 @@ impl Store {
         let left = self.meta_sm.dec(b)?;
         if left == 0 {
             self.dirty.remove(&b);
-            self.cache.lock().map.remove(&b);
+            self.shard(b).lock().map.remove(&b);
         }
         Ok(left)
     }
@@ -190,10 +209,9 @@ impl Store {
     /// transaction has freed meanwhile (their blocks stay blocked until it commits, so a
     /// freed node cannot have been reallocated yet).
     pub fn commit_finished(&mut self) {
-        let mut cache = self.cache.lock();
-        for (b, n) in self.committing.drain() {
+        for (b, n) in std::mem::take(&mut self.committing) {
             if self.meta_sm.get(b) > 0 {
-                cache.insert(b, n);
+                self.shard(b).lock().insert(b, n);
             }
         }
     }
