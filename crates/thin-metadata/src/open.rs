@@ -174,15 +174,7 @@ fn load_metadata_sm(store: &Store, root: &SmRoot) -> Result<SpaceMap> {
     let nr_bitmaps = root.nr_blocks.div_ceil(ENTRIES_PER_BITMAP) as usize;
     let raw = store.read_raw(root.bitmap_root)?;
     let entries = decode_metadata_index(&raw, root.bitmap_root, nr_bitmaps)?;
-    let mut sm = SpaceMap::from_disk(
-        Space::Metadata,
-        root.nr_blocks,
-        read_bitmaps(store, &entries)?,
-        read_ref_counts(store, root.ref_count_root)?,
-    )?;
-    sm.bitmap_root = root.bitmap_root;
-    sm.ref_count_root = root.ref_count_root;
-    Ok(sm)
+    load_sm(store, Space::Metadata, root, &entries)
 }
 
 fn load_data_sm(store: &Store, root: &SmRoot) -> Result<SpaceMap> {
@@ -210,10 +202,16 @@ fn load_data_sm(store: &Store, root: &SmRoot) -> Result<SpaceMap> {
             ),
         ));
     }
+    load_sm(store, Space::Data, root, &entries)
+}
+
+/// Reads the bitmaps the index entries name and the reference-count tree, and rebuilds the
+/// in-memory space map from them.
+fn load_sm(store: &Store, space: Space, root: &SmRoot, entries: &[IndexEntry]) -> Result<SpaceMap> {
     let mut sm = SpaceMap::from_disk(
-        Space::Data,
+        space,
         root.nr_blocks,
-        read_bitmaps(store, &entries)?,
+        read_bitmaps(store, entries)?,
         read_ref_counts(store, root.ref_count_root)?,
     )?;
     sm.bitmap_root = root.bitmap_root;
