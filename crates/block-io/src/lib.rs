@@ -11,6 +11,7 @@
 //! Invariants: a device never returns a partially filled buffer as success; every size or
 //! range problem is an `io::Error` with a message, never a panic.
 
+mod blkdev;
 pub mod data;
 pub mod meta;
 

@@ -153,9 +153,9 @@ impl DataFile {
             .metadata()
             .map_err(|e| annotate(e, "querying data device", path))?;
         let (kind, len_bytes, align_bytes) = if meta.file_type().is_block_device() {
-            let len = ioctl::block_device_size_bytes(&file)
+            let len = crate::blkdev::block_device_size_bytes(&file)
                 .map_err(|e| annotate(e, "sizing block device", path))?;
-            let lbs = ioctl::logical_block_size(&file)
+            let lbs = crate::blkdev::logical_block_size(&file)
                 .map_err(|e| annotate(e, "querying the logical block size of", path))?;
             (FileKind::BlockDevice, len, u64::from(lbs))
         } else {
@@ -277,7 +277,7 @@ impl DataFile {
     /// Zeroes `[offset, offset + len)` with the cheapest primitive that works, synchronously.
     pub(crate) fn zero_sync(&self, offset: u64, len: u64) -> io::Result<Primitive> {
         if self.kind == FileKind::BlockDevice {
-            ioctl::range_ioctl(&self.file, ioctl::BLKZEROOUT, offset, len)
+            crate::blkdev::range_ioctl(&self.file, crate::blkdev::BLKZEROOUT, offset, len)
                 .map_err(|e| self.err(e, "zeroing (BLKZEROOUT)", offset, len))?;
             return Ok(Primitive::BlkZeroOut);
         }
@@ -303,7 +303,12 @@ impl DataFile {
             return Ok(Primitive::Ignored);
         }
         if self.kind == FileKind::BlockDevice {
-            return match ioctl::range_ioctl(&self.file, ioctl::BLKDISCARD, offset, len) {
+            return match crate::blkdev::range_ioctl(
+                &self.file,
+                crate::blkdev::BLKDISCARD,
+                offset,
+                len,
+            ) {
                 Ok(()) => Ok(Primitive::BlkDiscard),
                 // A device without discard support: a discard is only a hint.
                 Err(e) if os_error(&e) == Some(libc::EOPNOTSUPP) => Ok(Primitive::Ignored),
@@ -441,83 +446,4 @@ fn dio_offset_align(path: &Path) -> Option<u64> {
         .then_some(u64::from(
             stx.stx_dio_offset_align.max(stx.stx_dio_mem_align),
         ))
-}
-
-/// Block-device ioctls libc does not export.
-mod ioctl {
-    use std::fs::File;
-    use std::io;
-    use std::os::fd::AsRawFd;
-
-    /// `_IO(0x12, 127)`: zero a byte range, `[u64 offset, u64 len]`.
-    pub(super) const BLKZEROOUT: u64 = 0x127f;
-    /// `_IO(0x12, 119)`: discard a byte range, `[u64 offset, u64 len]`.
-    pub(super) const BLKDISCARD: u64 = 0x1277;
-    /// `_IO(0x12, 104)`: logical block size, an `int`.
-    const BLKSSZGET: u64 = 0x1268;
-
-    /// `BLKGETSIZE64` is `_IOR(0x12, 114, size_t)`, laid out as the common `_IOC` (x86, arm,
-    /// riscv); the other layout puts `_IOC_READ` (2) at bit 29.
-    #[cfg(not(any(
-        target_arch = "mips",
-        target_arch = "mips64",
-        target_arch = "powerpc",
-        target_arch = "powerpc64",
-        target_arch = "sparc",
-        target_arch = "sparc64"
-    )))]
-    const BLKGETSIZE64: u64 = (2 << 30) | ((std::mem::size_of::<usize>() as u64) << 16) | 0x1272;
-    #[cfg(any(
-        target_arch = "mips",
-        target_arch = "mips64",
-        target_arch = "powerpc",
-        target_arch = "powerpc64",
-        target_arch = "sparc",
-        target_arch = "sparc64"
-    ))]
-    const BLKGETSIZE64: u64 = (2 << 29) | ((std::mem::size_of::<usize>() as u64) << 16) | 0x1272;
-
-    pub(super) fn range_ioctl(file: &File, request: u64, offset: u64, len: u64) -> io::Result<()> {
-        let range: [u64; 2] = [offset, len];
-        // SAFETY: both requests read exactly two u64s through the pointer, which points at a
-        // live local array; the fd is open for the whole call.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), request as libc::Ioctl, range.as_ptr()) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    pub(super) fn block_device_size_bytes(file: &File) -> io::Result<u64> {
-        let mut size_bytes: u64 = 0;
-        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at a live,
-        // aligned local; the fd is open for the whole call.
-        let rc = unsafe {
-            libc::ioctl(
-                file.as_raw_fd(),
-                BLKGETSIZE64 as libc::Ioctl,
-                &mut size_bytes as *mut u64,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(size_bytes)
-    }
-
-    pub(super) fn logical_block_size(file: &File) -> io::Result<u32> {
-        let mut lbs: libc::c_int = 0;
-        // SAFETY: BLKSSZGET writes one int through the pointer, which points at a live local.
-        let rc = unsafe {
-            libc::ioctl(
-                file.as_raw_fd(),
-                BLKSSZGET as libc::Ioctl,
-                &mut lbs as *mut libc::c_int,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        u32::try_from(lbs).map_err(|_| io::Error::other(format!("BLKSSZGET returned {lbs}")))
-    }
 }

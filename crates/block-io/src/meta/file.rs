@@ -41,7 +41,7 @@ impl FileMetaDevice {
             .map_err(|e| annotate(e, format!("querying metadata device {}", path.display())))?;
         let is_block_device = meta.file_type().is_block_device();
         let len_bytes = if is_block_device {
-            block_device_size_bytes(&file)
+            crate::blkdev::block_device_size_bytes(&file)
                 .map_err(|e| annotate(e, format!("sizing block device {}", path.display())))?
         } else {
             meta.len()
@@ -215,46 +215,4 @@ fn blocks_to_bytes(nr_blocks: u64, path: &Path) -> io::Result<u64> {
             ),
         )
     })
-}
-
-/// `BLKGETSIZE64` is `_IOR(0x12, 114, size_t)`; libc does not export it, so it is built here
-/// the way the kernel's `_IOC` macro does for the common ioctl layout (x86, arm, riscv).
-#[cfg(not(any(
-    target_arch = "mips",
-    target_arch = "mips64",
-    target_arch = "powerpc",
-    target_arch = "powerpc64",
-    target_arch = "sparc",
-    target_arch = "sparc64"
-)))]
-const BLKGETSIZE64: u64 = (2 << 30) | ((std::mem::size_of::<usize>() as u64) << 16) | 0x1272;
-
-/// The same request for the architectures whose `_IOC_READ` is 2 at bit 29.
-#[cfg(any(
-    target_arch = "mips",
-    target_arch = "mips64",
-    target_arch = "powerpc",
-    target_arch = "powerpc64",
-    target_arch = "sparc",
-    target_arch = "sparc64"
-))]
-const BLKGETSIZE64: u64 = (2 << 29) | ((std::mem::size_of::<usize>() as u64) << 16) | 0x1272;
-
-/// Size in bytes of the block device open as `file`; `metadata().len()` is 0 for devices.
-fn block_device_size_bytes(file: &File) -> io::Result<u64> {
-    use std::os::fd::AsRawFd;
-    let mut size_bytes: u64 = 0;
-    // SAFETY: `file` is an open block device for the whole call, and BLKGETSIZE64 writes
-    // exactly one u64 through the pointer, which points at a live, aligned local u64.
-    let rc = unsafe {
-        libc::ioctl(
-            file.as_raw_fd(),
-            BLKGETSIZE64 as libc::Ioctl,
-            &mut size_bytes as *mut u64,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(size_bytes)
 }
