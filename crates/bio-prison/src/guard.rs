@@ -145,12 +145,7 @@ impl<'a> UpgradableGuard<'a> {
     pub fn downgrade(self, access: Access) -> SharedGuard<'a> {
         let held = self.held;
         mem::forget(self);
-        held.prison.with_core(held.shard, |core| {
-            core.downgrade(held.cell, held.mode, access)
-        });
-        SharedGuard {
-            held: held.now(Mode::Shared(access)),
-        }
+        downgrade(held, access)
     }
 }
 
@@ -189,12 +184,7 @@ impl<'a> ExclusiveGuard<'a> {
     pub fn downgrade(self, access: Access) -> SharedGuard<'a> {
         let held = self.held;
         mem::forget(self);
-        held.prison.with_core(held.shard, |core| {
-            core.downgrade(held.cell, held.mode, access)
-        });
-        SharedGuard {
-            held: held.now(Mode::Shared(access)),
-        }
+        downgrade(held, access)
     }
 }
 
@@ -264,5 +254,16 @@ impl Drop for FenceGuard<'_> {
         if let Some((id, _)) = self.registered.take() {
             self.prison.unregister_fence(id);
         }
+    }
+}
+
+/// Turns an upgradable or exclusive hold into a shared one doing `access`; the one path both
+/// guards' `downgrade` take.
+fn downgrade(held: Held<'_>, access: Access) -> SharedGuard<'_> {
+    held.prison.with_core(held.shard, |core| {
+        core.downgrade(held.cell, held.mode, access)
+    });
+    SharedGuard {
+        held: held.now(Mode::Shared(access)),
     }
 }
