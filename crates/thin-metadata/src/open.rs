@@ -4,7 +4,7 @@ use crate::btree::{self, TreeKind};
 use crate::error::{Error, Result, Space};
 use crate::format::{
     decode_bitmap, decode_metadata_index, DeviceDetails, IndexEntry, SmRoot, Superblock,
-    ENTRIES_PER_BITMAP, MAX_METADATA_BITMAPS, SUPERBLOCK_LOCATION, SUPERBLOCK_VERSION,
+    ENTRIES_PER_BITMAP, MAX_METADATA_BITMAPS, SUPERBLOCK_LOCATION,
 };
 use crate::space_map::SpaceMap;
 use crate::store::Store;
@@ -50,7 +50,6 @@ impl Inner {
             compat_ro_flags: 0,
             incompat_flags: 0,
         };
-        let _ = SUPERBLOCK_VERSION;
         let mut inner = Inner {
             store,
             sb,
