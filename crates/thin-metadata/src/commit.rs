@@ -25,6 +25,14 @@ impl ThinMetadata {
     /// Makes every change so far durable. Concurrent callers share nothing but the order:
     /// each commit waits for the previous one. Returns at once if nothing changed.
     pub fn commit(&self) -> Result<()> {
+        self.commit_with_barrier(|| Ok(()))
+    }
+
+    /// `commit`, calling `barrier` after the transaction is captured and before anything is
+    /// written: the pool flushes its data device there, so every data write whose mapping the
+    /// commit records is durable before the superblock that names it. A barrier error latches
+    /// the metadata read-only, like a failed commit write (the data's durability is unknown).
+    pub fn commit_with_barrier(&self, barrier: impl FnOnce() -> std::io::Result<()>) -> Result<()> {
         let _serial = self.commit_lock.lock();
         let prepared = {
             let mut inner = self.inner.write();
@@ -47,7 +55,13 @@ impl ThinMetadata {
                 }
             }
         };
-        let written = write_out(&*self.dev, &prepared);
+        let written = barrier()
+            .map_err(|source| Error::Io {
+                op: "data device flush before",
+                block: 0,
+                source,
+            })
+            .and_then(|()| write_out(&*self.dev, &prepared));
         let mut inner = self.inner.write();
         match written {
             Ok(()) => {

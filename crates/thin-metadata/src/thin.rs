@@ -242,6 +242,61 @@ impl ThinMetadata {
         Ok(self.remove_range(thin, vblock, VBlock(vblock.0.saturating_add(1)))? == 1)
     }
 
+    /// Unmaps `vblock` of `thin` and hands its data block, with the mapping's reference, to
+    /// the caller (who passes it to `insert` or `release_data_block`). The pool's pre-zeroed
+    /// reserve lives in a hidden thin and moves blocks out of it this way.
+    pub fn take_mapping(&self, thin: ThinId, vblock: VBlock) -> Result<Option<DataBlock>> {
+        self.change_with_headroom(
+            |inner| inner.thin(thin).map(drop),
+            |inner| {
+                let root = inner.thin(thin)?.root;
+                let Some((v, _)) =
+                    btree::lookup(&inner.store, root, vblock.0, TreeKind::MappingBottom)?
+                else {
+                    return Ok(None);
+                };
+                let (db, _time) = unpack_block_time(v.as_u64());
+                // `dec: false`: the mapping's reference passes to the caller.
+                let (root, n, _) = btree::remove_range(
+                    &mut inner.store,
+                    root,
+                    vblock.0,
+                    vblock.0.saturating_add(1),
+                    TreeKind::MappingBottom,
+                    false,
+                    |_| true,
+                )?;
+                let t = inner.thin_mut(thin)?;
+                t.root = root;
+                t.details.mapped_blocks = t.details.mapped_blocks.saturating_sub(n);
+                t.dirty = true;
+                Ok(Some(DataBlock(db)))
+            },
+        )
+    }
+
+    /// The mappings of `thin` in `[begin, end)`, in order, at most `limit` of them.
+    pub fn mappings_in(
+        &self,
+        thin: ThinId,
+        begin: VBlock,
+        end: VBlock,
+        limit: usize,
+    ) -> Result<Vec<(VBlock, DataBlock)>> {
+        let mut out = Vec::new();
+        if limit == 0 || begin >= end {
+            return Ok(out);
+        }
+        self.for_each_mapping(thin, begin, |v, d, _| {
+            if v >= end {
+                return false;
+            }
+            out.push((v, d));
+            out.len() < limit
+        })?;
+        Ok(out)
+    }
+
     /// Unmaps every block of `thin` in `[begin, end)`; returns how many were mapped. If
     /// metadata space runs low part way (a range shared with a snapshot needs copies), it
     /// stops between batches with `NoSpace(Metadata)`, having removed a prefix of the range.

@@ -286,3 +286,68 @@ pub(crate) fn check_copy(
     }
     Ok(())
 }
+
+/// Several tasks or threads may share one device (memory and fault-injecting devices in
+/// tests, a pool's background work beside its queues).
+macro_rules! forward_data_device {
+    ($($ty:ty),*) => {$(
+        impl<T: DataDevice> DataDevice for $ty {
+            fn geometry(&self) -> DataGeometry {
+                (**self).geometry()
+            }
+
+            async fn read(&self, block: DataBlock, offset_bytes: u64, buf: IoBuf) -> BufResult<()> {
+                (**self).read(block, offset_bytes, buf).await
+            }
+
+            async fn write(
+                &self,
+                block: DataBlock,
+                offset_bytes: u64,
+                buf: IoBuf,
+            ) -> BufResult<()> {
+                (**self).write(block, offset_bytes, buf).await
+            }
+
+            async fn read_vectored(
+                &self,
+                block: DataBlock,
+                offset_bytes: u64,
+                bufs: Vec<IoBuf>,
+            ) -> BufsResult {
+                (**self).read_vectored(block, offset_bytes, bufs).await
+            }
+
+            async fn write_vectored(
+                &self,
+                block: DataBlock,
+                offset_bytes: u64,
+                bufs: Vec<IoBuf>,
+            ) -> BufsResult {
+                (**self).write_vectored(block, offset_bytes, bufs).await
+            }
+
+            async fn zero_blocks(&self, first: DataBlock, nr_blocks: u64) -> io::Result<Primitive> {
+                (**self).zero_blocks(first, nr_blocks).await
+            }
+
+            async fn copy_block(&self, from: DataBlock, to: DataBlock) -> io::Result<()> {
+                (**self).copy_block(from, to).await
+            }
+
+            async fn discard_blocks(
+                &self,
+                first: DataBlock,
+                nr_blocks: u64,
+            ) -> io::Result<Primitive> {
+                (**self).discard_blocks(first, nr_blocks).await
+            }
+
+            async fn flush(&self) -> io::Result<()> {
+                (**self).flush().await
+            }
+        }
+    )*};
+}
+
+forward_data_device!(&T, std::sync::Arc<T>, std::rc::Rc<T>);
