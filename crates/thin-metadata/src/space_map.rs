@@ -77,6 +77,10 @@ pub(crate) struct SpaceMap {
     freed_committing: Vec<u64>,
     cursor: u64,
     nr_allocated: u64,
+    /// Bit per block: claimed by a caller who will map it (`claim`). A claimed block keeps
+    /// count 0, so a commit records it as free, but it is never handed out twice.
+    claimed: Vec<u64>,
+    nr_claimed: u64,
 }
 
 const FREE_MASK: u64 = 0x5555_5555_5555_5555;
@@ -98,6 +102,8 @@ impl SpaceMap {
             freed_committing: Vec::new(),
             cursor: 0,
             nr_allocated: 0,
+            claimed: Vec::new(),
+            nr_claimed: 0,
         };
         sm.extend(nr_blocks);
         sm
@@ -128,6 +134,7 @@ impl SpaceMap {
             .map(|(loc, bits)| Bitmap::new(bits, loc))
             .collect();
         sm.blocked = vec![0; nr_blocks.div_ceil(64) as usize];
+        sm.claimed = vec![0; nr_blocks.div_ceil(64) as usize];
         let mut nr_allocated = 0;
         for (i, bm) in sm.bitmaps.iter().enumerate() {
             let loc = bm.loc;
@@ -168,6 +175,46 @@ impl SpaceMap {
 
     pub fn nr_free(&self) -> u64 {
         self.nr_blocks - self.nr_allocated
+    }
+
+    /// Free blocks nobody has claimed.
+    pub fn nr_unclaimed_free(&self) -> u64 {
+        self.nr_free() - self.nr_claimed
+    }
+
+    /// Claims a free block without counting a reference: it stays free on disk until
+    /// `unclaim` and `inc`. `None` when no block is free.
+    pub fn claim(&mut self) -> Option<u64> {
+        if self.nr_unclaimed_free() == 0 {
+            return None;
+        }
+        let start = self.cursor.min(self.nr_blocks);
+        let found = self
+            .find_free(start, self.nr_blocks)
+            .or_else(|| self.find_free(0, start))?;
+        let w = self.claimed.get_mut((found / 64) as usize)?;
+        *w |= 1 << (found % 64);
+        self.nr_claimed += 1;
+        self.cursor = found + 1;
+        Some(found)
+    }
+
+    pub fn is_claimed(&self, b: u64) -> bool {
+        self.claimed
+            .get((b / 64) as usize)
+            .is_some_and(|w| w & (1 << (b % 64)) != 0)
+    }
+
+    /// Drops a claim; false if `b` was not claimed.
+    pub fn unclaim(&mut self, b: u64) -> bool {
+        if !self.is_claimed(b) {
+            return false;
+        }
+        if let Some(w) = self.claimed.get_mut((b / 64) as usize) {
+            *w &= !(1 << (b % 64));
+        }
+        self.nr_claimed -= 1;
+        true
     }
 
     fn bitmap_value(&self, b: u64) -> u32 {
@@ -312,7 +359,7 @@ impl SpaceMap {
                     if cand >= bitmap_end {
                         break;
                     }
-                    if !self.is_blocked(cand) {
+                    if !self.is_blocked(cand) && !self.is_claimed(cand) {
                         return Some(cand);
                     }
                     free &= free - 1;
@@ -337,6 +384,7 @@ impl SpaceMap {
         }
         self.nr_blocks = nr_blocks;
         self.blocked.resize(nr_blocks.div_ceil(64) as usize, 0);
+        self.claimed.resize(nr_blocks.div_ceil(64) as usize, 0);
     }
 
     /// The commit of the current transaction has started: its frees stay blocked until
@@ -408,6 +456,22 @@ mod tests {
             sm.dec(1).is_ok() && sm.dec(1).is_err(),
             "underflow is an error"
         );
+    }
+
+    #[test]
+    fn claimed_blocks_stay_free_but_are_not_handed_out_twice() {
+        let mut sm = SpaceMap::new(Space::Data, 3);
+        let a = sm.claim().expect("a");
+        assert_eq!(sm.get(a), 0, "a claim counts no reference");
+        assert_eq!((sm.nr_free(), sm.nr_unclaimed_free()), (3, 2));
+        let b = sm.alloc().expect("b");
+        let c = sm.claim().expect("c");
+        assert!(a != b && b != c && a != c);
+        assert!(sm.alloc().is_none() && sm.claim().is_none());
+        assert!(sm.unclaim(a) && !sm.unclaim(a));
+        sm.inc(c).expect("map c");
+        assert!(sm.unclaim(c));
+        assert_eq!(sm.alloc(), Some(a));
     }
 
     #[test]

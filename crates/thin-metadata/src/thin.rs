@@ -179,8 +179,31 @@ impl ThinMetadata {
         })
     }
 
-    /// Drops a reference to a data block obtained from `alloc_data_block`.
+    /// Claims a free data block for the caller to write and then `insert`. Unlike
+    /// `alloc_data_block` the claim lives in memory only: a commit before the insert records
+    /// the block as free, so a crash between the data write and the insert leaks nothing.
+    /// The pool engine provisions this way. Give an unused claim back with
+    /// `release_data_block`.
+    pub fn claim_data_block(&self) -> Result<DataBlock> {
+        let mut inner = self.inner.write();
+        inner.check_writable()?;
+        inner
+            .store
+            .data_sm
+            .claim()
+            .map(DataBlock)
+            .ok_or(Error::NoSpace(Space::Data))
+    }
+
+    /// Drops a reference to a data block obtained from `alloc_data_block`, or a claim from
+    /// `claim_data_block`.
     pub fn release_data_block(&self, block: DataBlock) -> Result<()> {
+        {
+            let mut inner = self.inner.write();
+            if inner.store.data_sm.unclaim(block.0) {
+                return Ok(());
+            }
+        }
         self.change(|inner| {
             // Releasing a block the caller does not hold is the caller's bug, not damage on
             // disk: say so, and leave the counts alone.
@@ -201,14 +224,15 @@ impl ThinMetadata {
         self.inner.read().store.data_sm.get(block.0)
     }
 
-    /// Maps `vblock` of `thin` to `block`, taking over the caller's reference to `block`.
-    /// A previous mapping of `vblock` is released.
+    /// Maps `vblock` of `thin` to `block`, taking over the caller's reference to `block`
+    /// (or its claim). A previous mapping of `vblock` is released.
     pub fn insert(&self, thin: ThinId, vblock: VBlock, block: DataBlock) -> Result<()> {
         self.change_with_headroom(
             |inner| {
                 inner.thin(thin)?;
-                let nr = inner.store.data_sm.nr_blocks();
-                if block.0 >= nr || inner.store.data_sm.get(block.0) == 0 {
+                let sm = &inner.store.data_sm;
+                let nr = sm.nr_blocks();
+                if block.0 >= nr || (sm.get(block.0) == 0 && !sm.is_claimed(block.0)) {
                     return Err(Error::InvalidArgument(format!(
                         "data block {} is not allocated (pool has {nr} data blocks)",
                         block.0
@@ -217,21 +241,56 @@ impl ThinMetadata {
                 Ok(())
             },
             |inner| {
-                let value = pack_block_time(block.0, inner.sb.time).to_le_bytes();
-                let root = inner.thin(thin)?.root;
-                let (root, is_new) = btree::insert(
+                if inner.store.data_sm.unclaim(block.0) {
+                    inner.store.data_sm.inc(block.0)?;
+                }
+                inner.insert_mapping(thin, vblock, block)
+            },
+        )
+    }
+
+    /// Moves the mapping of `from_v` in `from` (which must be `block`) to `to_v` in `to`, in
+    /// one change: the block's reference moves with it, and no commit can see the block
+    /// unmapped. The pool moves pre-zeroed blocks out of its reserve thin this way.
+    pub fn move_mapping(
+        &self,
+        from: ThinId,
+        from_v: VBlock,
+        to: ThinId,
+        to_v: VBlock,
+        block: DataBlock,
+    ) -> Result<()> {
+        self.change_with_headroom(
+            |inner| {
+                inner.thin(to)?;
+                let root = inner.thin(from)?.root;
+                let found = btree::lookup(&inner.store, root, from_v.0, TreeKind::MappingBottom)?
+                    .map(|(v, _)| unpack_block_time(v.as_u64()).0);
+                if found != Some(block.0) {
+                    return Err(Error::InvalidArgument(format!(
+                        "thin {from} block {} maps {found:?}, not data block {}",
+                        from_v.0, block.0
+                    )));
+                }
+                Ok(())
+            },
+            |inner| {
+                let root = inner.thin(from)?.root;
+                // `dec: false`: the reference moves to the new mapping.
+                let (root, n, _) = btree::remove_range(
                     &mut inner.store,
                     root,
-                    vblock.0,
-                    &value,
+                    from_v.0,
+                    from_v.0.saturating_add(1),
                     TreeKind::MappingBottom,
-                    true,
+                    false,
+                    |_| true,
                 )?;
-                let t = inner.thin_mut(thin)?;
+                let t = inner.thin_mut(from)?;
                 t.root = root;
-                t.details.mapped_blocks += u64::from(is_new);
+                t.details.mapped_blocks = t.details.mapped_blocks.saturating_sub(n);
                 t.dirty = true;
-                Ok(())
+                inner.insert_mapping(to, to_v, block)
             },
         )
     }
@@ -240,39 +299,6 @@ impl ThinMetadata {
     /// is released (callers pass a discard down only when its count reaches zero).
     pub fn remove(&self, thin: ThinId, vblock: VBlock) -> Result<bool> {
         Ok(self.remove_range(thin, vblock, VBlock(vblock.0.saturating_add(1)))? == 1)
-    }
-
-    /// Unmaps `vblock` of `thin` and hands its data block, with the mapping's reference, to
-    /// the caller (who passes it to `insert` or `release_data_block`). The pool's pre-zeroed
-    /// reserve lives in a hidden thin and moves blocks out of it this way.
-    pub fn take_mapping(&self, thin: ThinId, vblock: VBlock) -> Result<Option<DataBlock>> {
-        self.change_with_headroom(
-            |inner| inner.thin(thin).map(drop),
-            |inner| {
-                let root = inner.thin(thin)?.root;
-                let Some((v, _)) =
-                    btree::lookup(&inner.store, root, vblock.0, TreeKind::MappingBottom)?
-                else {
-                    return Ok(None);
-                };
-                let (db, _time) = unpack_block_time(v.as_u64());
-                // `dec: false`: the mapping's reference passes to the caller.
-                let (root, n, _) = btree::remove_range(
-                    &mut inner.store,
-                    root,
-                    vblock.0,
-                    vblock.0.saturating_add(1),
-                    TreeKind::MappingBottom,
-                    false,
-                    |_| true,
-                )?;
-                let t = inner.thin_mut(thin)?;
-                t.root = root;
-                t.details.mapped_blocks = t.details.mapped_blocks.saturating_sub(n);
-                t.dirty = true;
-                Ok(Some(DataBlock(db)))
-            },
-        )
     }
 
     /// The mappings of `thin` in `[begin, end)`, in order, at most `limit` of them.
@@ -480,7 +506,7 @@ impl ThinMetadata {
             time: inner.sb.time,
             data_block_size_sectors: inner.sb.data_block_size,
             nr_data_blocks: s.data_sm.nr_blocks(),
-            nr_free_data_blocks: s.data_sm.nr_free(),
+            nr_free_data_blocks: s.data_sm.nr_unclaimed_free(),
             nr_metadata_blocks: s.meta_sm.nr_blocks(),
             nr_free_metadata_blocks: s.meta_sm.nr_free(),
             metadata_reserve_blocks: s.meta_reserve,
@@ -590,6 +616,25 @@ impl ThinMetadata {
 }
 
 impl Inner {
+    /// Maps `vblock` of `thin` to `block`, whose reference the new mapping owns.
+    fn insert_mapping(&mut self, thin: ThinId, vblock: VBlock, block: DataBlock) -> Result<()> {
+        let value = pack_block_time(block.0, self.sb.time).to_le_bytes();
+        let root = self.thin(thin)?.root;
+        let (root, is_new) = btree::insert(
+            &mut self.store,
+            root,
+            vblock.0,
+            &value,
+            TreeKind::MappingBottom,
+            true,
+        )?;
+        let t = self.thin_mut(thin)?;
+        t.root = root;
+        t.details.mapped_blocks += u64::from(is_new);
+        t.dirty = true;
+        Ok(())
+    }
+
     pub fn thin(&self, thin: ThinId) -> Result<&ThinState> {
         self.thins.get(&thin.0).ok_or(Error::UnknownThin(thin.0))
     }

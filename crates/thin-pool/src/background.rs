@@ -132,7 +132,7 @@ async fn refill_step<D: DataDevice>(shared: &Shared, dev: &D) -> bool {
     let first_key = shared.reserve.begin_refill(n);
     let mut blocks = Vec::new();
     for _ in 0..n {
-        match shared.meta.alloc_data_block() {
+        match shared.meta.claim_data_block() {
             Ok(b) => blocks.push(b),
             Err(thin_metadata::Error::NoSpace(Space::Data)) => {
                 shared.refill_stalled_at.store(gen + 1, Ordering::SeqCst);
@@ -207,7 +207,10 @@ fn free_deleted_step(shared: &Shared) -> bool {
             _ => meta.delete_thin(ThinId(trash.0)),
         });
     match r {
-        Ok(()) => true,
+        Ok(()) => {
+            crate::status::bump(&shared.counters.delete_steps);
+            true
+        }
         Err(thin_metadata::Error::NoSpace(Space::Metadata)) => {
             tracing::warn!("freeing deleted thin {}: metadata space low", trash.0);
             false

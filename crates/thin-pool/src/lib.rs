@@ -34,6 +34,8 @@ mod commit;
 mod config;
 mod error;
 mod event;
+#[cfg(feature = "model")]
+pub mod model;
 mod pool;
 mod reserve;
 mod status;

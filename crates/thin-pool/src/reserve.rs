@@ -7,12 +7,14 @@
 //! one more thin. A block is mapped there only after its zeroing completed; the commit that
 //! records the mapping flushes the data device first, so the zeros are durable with it.
 //!
-//! Taking a block moves the mapping's reference to the writer (`take_mapping`), which writes
-//! its data and then maps the block into its thin. If the pool crashes between the two, the
-//! last commit still shows the block in the reserve although its data is no longer zero.
-//! So the reserve found at open is *unverified*: the background zeroes those blocks again
-//! before handing any of them out. Zeroing a few dozen blocks at open is the whole cost, and
-//! no restart or crash can ever hand out a block that is not known to be zero.
+//! A writer takes a block from the ready list (in memory only), writes its data, and then
+//! moves the mapping from the reserve thin to its own thin in one metadata change
+//! (`move_mapping`), so no commit ever sees the block unmapped. If the pool crashes between
+//! the data write and the move, the last commit still shows the block in the reserve
+//! although its data is no longer zero. So the reserve found at open is *unverified*: the
+//! background zeroes those blocks again before handing any of them out. Zeroing a few dozen
+//! blocks at open is the whole cost, and no restart or crash can ever hand out a block that
+//! is not known to be zero. A block whose writer failed goes back the same way.
 
 use std::collections::VecDeque;
 
@@ -71,28 +73,15 @@ impl Reserve {
         st.ready.len() as u64 + st.in_flight + st.unverified.len() as u64
     }
 
-    /// Takes a zeroed block; the caller owns its reference. `None` when none is ready.
-    pub fn take(&self, meta: &ThinMetadata) -> thin_metadata::Result<Option<DataBlock>> {
-        loop {
-            let Some((key, block)) = self.state.lock().ready.pop_front() else {
-                return Ok(None);
-            };
-            match meta.take_mapping(RESERVE_THIN, VBlock(key)) {
-                Ok(Some(got)) if got == block => return Ok(Some(got)),
-                Ok(other) => {
-                    // Only this module maps into the reserve thin: a mismatch is a bug, and
-                    // the block cannot be trusted to be zero.
-                    tracing::error!(key, ?block, ?other, "reserve mapping changed under us");
-                    if let Some(got) = other {
-                        let _ = meta.release_data_block(got);
-                    }
-                }
-                Err(e) => {
-                    self.state.lock().ready.push_front((key, block));
-                    return Err(e);
-                }
-            }
-        }
+    /// Takes a zeroed block (key, block): it stays mapped in the reserve thin until the taker
+    /// moves it with `ThinMetadata::move_mapping` or gives it back with `dirty`.
+    pub fn take(&self) -> Option<(u64, DataBlock)> {
+        self.state.lock().ready.pop_front()
+    }
+
+    /// A taken block that was written but not moved: zero it again before reuse.
+    pub fn dirty(&self, key: u64, block: DataBlock) {
+        self.state.lock().unverified.push((key, block));
     }
 
     /// Takes up to `max` unverified blocks for re-zeroing (they stay mapped meanwhile).

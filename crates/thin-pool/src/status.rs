@@ -102,6 +102,8 @@ pub(crate) struct Counters {
     pub no_space_waits: AtomicU64,
     pub no_space_errors: AtomicU64,
     pub upgrade_races: AtomicU64,
+    /// Batches the worker ran to free deleted thins.
+    pub delete_steps: AtomicU64,
 }
 
 impl Default for Counters {
@@ -128,6 +130,7 @@ impl Default for Counters {
             no_space_waits: AtomicU64::new(0),
             no_space_errors: AtomicU64::new(0),
             upgrade_races: AtomicU64::new(0),
+            delete_steps: AtomicU64::new(0),
         }
     }
 }
@@ -190,6 +193,7 @@ impl Counters {
             no_space_waits: l(&self.no_space_waits),
             no_space_errors: l(&self.no_space_errors),
             upgrade_races: l(&self.upgrade_races),
+            delete_steps: l(&self.delete_steps),
         }
     }
 }
@@ -226,6 +230,8 @@ pub struct PoolStats {
     pub no_space_waits: u64,
     pub no_space_errors: u64,
     pub upgrade_races: u64,
+    /// Batches run to free deleted thins (each holds the metadata lock briefly).
+    pub delete_steps: u64,
 }
 
 /// Per-thin counters.

@@ -22,6 +22,7 @@ use thin_metadata::{DataBlock, Lookup, Space, ThinId, VBlock};
 use crate::config::NoSpacePolicy;
 use crate::error::{PoolError, Result};
 use crate::pool::{Shared, ThinShared};
+use crate::reserve::RESERVE_THIN;
 use crate::status::{bump, PoolMode};
 
 /// A handle on one thin, for its requests. Cheap to share between a front end's queue
@@ -48,6 +49,24 @@ struct Part {
 impl Part {
     fn covers_block(&self, block_size: u64) -> bool {
         self.offset == 0 && self.len == block_size
+    }
+}
+
+/// A block for a write to land in before its mapping is recorded.
+#[derive(Debug, Clone, Copy)]
+enum Fresh {
+    /// Claimed from free space (free on disk until mapped); `zero` when the writer must
+    /// zero it first.
+    Claimed { block: DataBlock, zero: bool },
+    /// Pre-zeroed, still mapped at `key` in the reserve thin until the move.
+    Reserved { key: u64, block: DataBlock },
+}
+
+impl Fresh {
+    fn block(&self) -> DataBlock {
+        match *self {
+            Fresh::Claimed { block, .. } | Fresh::Reserved { block, .. } => block,
+        }
     }
 }
 
@@ -299,27 +318,28 @@ impl Thin {
     ) -> (Result<()>, IoBuf) {
         let s = &*self.shared;
         let full = p.covers_block(self.block_size_bytes());
-        let (block, zero_now) = match s.allocate(!full).await {
+        let fresh = match s.allocate(!full).await {
             Ok(x) => x,
             Err(e) => return (Err(e), buf),
         };
+        let block = fresh.block();
         let _data = s
             .prison
             .exclusive(Key::data(block.0), Level::ReadWrite)
             .await;
-        if zero_now {
+        if let Fresh::Claimed { zero: true, .. } = fresh {
             if let Err(e) = dev.zero_blocks(bd(block), 1).await {
-                s.release(block);
+                s.give_back(fresh);
                 return (Err(PoolError::DataIo(e)), buf);
             }
         }
         let (r, buf) = dev.write(bd(block), p.offset, buf).await;
         if let Err(e) = r {
-            s.release(block);
+            s.give_back(fresh);
             return (Err(PoolError::DataIo(e)), buf);
         }
-        if let Err(e) = s.meta.insert(ThinId(self.id), VBlock(p.vblock), block) {
-            s.release(block);
+        if let Err(e) = s.map_fresh(fresh, ThinId(self.id), VBlock(p.vblock)) {
+            s.give_back(fresh);
             return (Err(s.meta_error(e)), buf);
         }
         s.thin_changed_fast(&self.ts);
@@ -340,10 +360,11 @@ impl Thin {
         let s = &*self.shared;
         let full = p.covers_block(self.block_size_bytes());
         // The copy overwrites the whole block, so it need not be zeroed.
-        let new = match s.allocate(false).await {
-            Ok((b, _)) => b,
+        let fresh = match s.allocate(false).await {
+            Ok(f) => f,
             Err(e) => return (Err(e), buf),
         };
+        let new = fresh.block();
         let (lo, hi) = (old.0.min(new.0), old.0.max(new.0));
         let _lo = s.prison.exclusive(Key::data(lo), Level::ReadWrite).await;
         let _hi = s.prison.exclusive(Key::data(hi), Level::ReadWrite).await;
@@ -351,7 +372,7 @@ impl Thin {
             bump(&s.counters.breaks_full);
         } else {
             if let Err(e) = dev.copy_block(bd(old), bd(new)).await {
-                s.release(new);
+                s.give_back(fresh);
                 return (Err(PoolError::DataIo(e)), buf);
             }
             bump(&s.counters.copies);
@@ -359,13 +380,13 @@ impl Thin {
         }
         let (r, buf) = dev.write(bd(new), p.offset, buf).await;
         if let Err(e) = r {
-            s.release(new);
+            s.give_back(fresh);
             return (Err(PoolError::DataIo(e)), buf);
         }
         // Readers of the old block drain; new ones wait for the new mapping.
         let _exclusive = exclusive.promote(Level::ReadWrite).await;
-        if let Err(e) = s.meta.insert(ThinId(self.id), VBlock(p.vblock), new) {
-            s.release(new);
+        if let Err(e) = s.map_fresh(fresh, ThinId(self.id), VBlock(p.vblock)) {
+            s.give_back(fresh);
             return (Err(s.meta_error(e)), buf);
         }
         s.thin_changed_fast(&self.ts);
@@ -544,17 +565,35 @@ impl Shared {
         ts.last_change.fetch_max(seq, Ordering::SeqCst);
     }
 
-    /// Gives back a block that was allocated but not mapped.
-    fn release(&self, block: DataBlock) {
-        // Fails only when the pool latched read-only meanwhile, which dropped the whole
-        // transaction (and this allocation with it).
-        let _ = self.meta.release_data_block(block);
+    /// Records the mapping of a fresh block after its data was written.
+    fn map_fresh(&self, fresh: Fresh, thin: ThinId, vblock: VBlock) -> thin_metadata::Result<()> {
+        match fresh {
+            Fresh::Claimed { block, .. } => self.meta.insert(thin, vblock, block),
+            Fresh::Reserved { key, block } => {
+                self.meta
+                    .move_mapping(RESERVE_THIN, VBlock(key), thin, vblock, block)
+            }
+        }
     }
 
-    /// Allocates a data block. With `want_zeroed`, a pre-zeroed one from the reserve if any;
-    /// returns whether the caller must zero it itself (the reserve was empty). When no block
-    /// is free, waits for space or fails, as `NoSpacePolicy` says.
-    async fn allocate(&self, want_zeroed: bool) -> Result<(DataBlock, bool)> {
+    /// Gives back a fresh block that was not mapped.
+    fn give_back(&self, fresh: Fresh) {
+        match fresh {
+            // Fails only when the pool latched read-only meanwhile, which dropped the whole
+            // transaction (and this claim with it).
+            Fresh::Claimed { block, .. } => drop(self.meta.release_data_block(block)),
+            // It may hold part of a write now: zero it again before reuse.
+            Fresh::Reserved { key, block } => {
+                self.reserve.dirty(key, block);
+                self.kick_worker();
+            }
+        }
+    }
+
+    /// Finds a block for a write to land in. With `want_zeroed`, a pre-zeroed one from the
+    /// reserve if any, else a claimed one the caller must zero. When no block is free, waits
+    /// for space or fails, as `NoSpacePolicy` says.
+    async fn allocate(&self, want_zeroed: bool) -> Result<Fresh> {
         let deadline = match self.cfg.no_space {
             NoSpacePolicy::Queue { timeout } => Some(Instant::now() + timeout),
             NoSpacePolicy::Error => None,
@@ -564,12 +603,12 @@ impl Shared {
         loop {
             self.check_writable()?;
             if want_zeroed {
-                if let Some(b) = self.take_reserved()? {
-                    return Ok((b, false));
+                if let Some(f) = self.take_reserved() {
+                    return Ok(f);
                 }
             }
             let gen = self.space_gen.load(Ordering::SeqCst);
-            match self.meta.alloc_data_block() {
+            match self.meta.claim_data_block() {
                 Ok(b) => {
                     if self.mode() == PoolMode::OutOfDataSpace {
                         self.set_mode(PoolMode::Write, "data space available again".into());
@@ -584,15 +623,18 @@ impl Shared {
                     if self.reserve.nr_held() < self.cfg.reserve_blocks {
                         self.kick_worker();
                     }
-                    return Ok((b, want_zeroed));
+                    return Ok(Fresh::Claimed {
+                        block: b,
+                        zero: want_zeroed,
+                    });
                 }
                 Err(thin_metadata::Error::NoSpace(Space::Data)) => {}
                 Err(e) => return Err(self.meta_error(e)),
             }
             // Out of plain space: a zeroed block will do for anyone.
             if !want_zeroed {
-                if let Some(b) = self.take_reserved()? {
-                    return Ok((b, false));
+                if let Some(f) = self.take_reserved() {
+                    return Ok(f);
                 }
             }
             // Blocks freed in this transaction can be allocated once it is committed.
@@ -626,16 +668,11 @@ impl Shared {
         }
     }
 
-    fn take_reserved(&self) -> Result<Option<DataBlock>> {
-        let b = self
-            .reserve
-            .take(&self.meta)
-            .map_err(|e| self.meta_error(e))?;
-        if b.is_some() {
-            bump(&self.counters.provisions_reserve);
-            self.kick_worker();
-        }
-        Ok(b)
+    fn take_reserved(&self) -> Option<Fresh> {
+        let (key, block) = self.reserve.take()?;
+        bump(&self.counters.provisions_reserve);
+        self.kick_worker();
+        Some(Fresh::Reserved { key, block })
     }
 }
 
