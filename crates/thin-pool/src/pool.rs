@@ -685,9 +685,11 @@ impl Shared {
             return false;
         }
         let full = self.reserve.nr_ready() >= self.cfg.reserve_blocks;
-        let writable = self.check_writable().is_ok();
+        // The worker refills only in write mode (`refill_step`): out of data space it waits
+        // for a write to find space again, so the reserve staying short is idle too.
+        let refilling = self.mode() == PoolMode::Write;
         let stalled = self.refill_stalled_at.load(Ordering::SeqCst)
             == self.space_gen.load(Ordering::SeqCst) + 1;
-        full || !writable || stalled
+        full || !refilling || stalled
     }
 }
