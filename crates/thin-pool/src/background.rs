@@ -8,9 +8,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bio_prison::{ExclusiveGuard, Key, Level};
-use block_io::data::{rt, DataDevice};
+use block_io::data::{rt, DataDevice, IoBuf};
 use thin_metadata::{DataBlock, Space, ThinId, VBlock};
 
+use crate::config::ReserveZeroing;
 use crate::pool::{DeviceFactory, Shared};
 use crate::reserve::{FIRST_TRASH_ID, RESERVE_THIN};
 use crate::status::PoolMode;
@@ -74,7 +75,37 @@ async fn lock_blocks<'a>(shared: &'a Shared, blocks: &[DataBlock]) -> Vec<Exclus
     guards
 }
 
-/// Zeroes `blocks` in runs of consecutive numbers.
+/// Largest zero buffer the background writes at once.
+const ZERO_CHUNK: u64 = 256 << 10;
+
+/// Zeroes `blocks` as the configuration says.
+async fn zero_blocks<D: DataDevice>(
+    shared: &Shared,
+    dev: &D,
+    blocks: &[DataBlock],
+) -> std::io::Result<()> {
+    match shared.cfg.reserve_zeroing {
+        ReserveZeroing::Primitive => zero_runs(dev, blocks).await,
+        ReserveZeroing::WriteZeroes => {
+            let bs = shared.geometry.block_size_bytes;
+            let chunk = bs.min(ZERO_CHUNK);
+            let mut buf = IoBuf::new(chunk as usize);
+            for b in blocks {
+                let mut off = 0;
+                while off < bs {
+                    let (r, back) = dev.write(block_io::data::DataBlock(b.0), off, buf).await;
+                    r?;
+                    // Writes never change the buffer: it stays zero.
+                    buf = back;
+                    off += chunk;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Zeroes `blocks` in runs of consecutive numbers with the device's primitive.
 async fn zero_runs<D: DataDevice>(dev: &D, blocks: &[DataBlock]) -> std::io::Result<()> {
     let mut sorted: Vec<u64> = blocks.iter().map(|b| b.0).collect();
     sorted.sort_unstable();
@@ -101,7 +132,7 @@ async fn verify_step<D: DataDevice>(shared: &Shared, dev: &D) -> bool {
     }
     let blocks: Vec<DataBlock> = batch.iter().map(|&(_, b)| b).collect();
     let guards = lock_blocks(shared, &blocks).await;
-    let zeroed = zero_runs(dev, &blocks).await;
+    let zeroed = zero_blocks(shared, dev, &blocks).await;
     drop(guards);
     match zeroed {
         Ok(()) => shared.reserve.verified(&batch),
@@ -145,7 +176,7 @@ async fn refill_step<D: DataDevice>(shared: &Shared, dev: &D) -> bool {
         }
     }
     let guards = lock_blocks(shared, &blocks).await;
-    let zeroed = zero_runs(dev, &blocks).await;
+    let zeroed = zero_blocks(shared, dev, &blocks).await;
     drop(guards);
     let mut mapped = Vec::new();
     match zeroed {

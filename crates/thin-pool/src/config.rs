@@ -24,6 +24,20 @@ impl Default for NoSpacePolicy {
     }
 }
 
+/// How the background zeroes blocks for the reserve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReserveZeroing {
+    /// Write zero buffers. Costs device bandwidth in the background, but leaves nothing for
+    /// the first write to pay: on a file, `fallocate(ZERO_RANGE)` turns the range into
+    /// unwritten extents and the first write into each then pays the filesystem's extent
+    /// conversion (measured 25% slower at QD1 on ext4, `benches/src/bin/pool.rs`).
+    #[default]
+    WriteZeroes,
+    /// The data device's cheapest primitive (`zero_blocks`: ZERO_RANGE on a file,
+    /// BLKZEROOUT on a block device): for block devices with offloaded write-zeroes.
+    Primitive,
+}
+
 /// Called for each pool event, from whichever thread noticed it. Must not block.
 pub type EventHook = Arc<dyn Fn(&PoolEvent) + Send + Sync>;
 
@@ -36,6 +50,8 @@ pub struct PoolConfig {
     /// Most blocks the background zeroes in one go (one contiguous zeroing call when the
     /// allocator hands out a run).
     pub reserve_refill_batch: u64,
+    /// How reserve blocks are zeroed.
+    pub reserve_zeroing: ReserveZeroing,
     /// Pause between refill batches while requests are in flight, so that background zeroing
     /// takes a bounded share of the device.
     pub reserve_busy_pause: Duration,
@@ -61,6 +77,7 @@ impl Default for PoolConfig {
         PoolConfig {
             reserve_blocks: 64,
             reserve_refill_batch: 16,
+            reserve_zeroing: ReserveZeroing::default(),
             reserve_busy_pause: Duration::from_millis(2),
             low_water_mark_blocks: 0,
             no_space: NoSpacePolicy::default(),
@@ -78,6 +95,7 @@ impl fmt::Debug for PoolConfig {
         f.debug_struct("PoolConfig")
             .field("reserve_blocks", &self.reserve_blocks)
             .field("reserve_refill_batch", &self.reserve_refill_batch)
+            .field("reserve_zeroing", &self.reserve_zeroing)
             .field("reserve_busy_pause", &self.reserve_busy_pause)
             .field("low_water_mark_blocks", &self.low_water_mark_blocks)
             .field("no_space", &self.no_space)
