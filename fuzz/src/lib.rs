@@ -1,5 +1,6 @@
-//! Fuzz harnesses for the metadata crate, shared by the cargo-fuzz targets (fuzz_targets/)
-//! and the seeded smoke test (tests/smoke.rs), which runs them on stable Rust.
+//! Fuzz harnesses for the metadata crate and the whole-pool model, shared by the cargo-fuzz
+//! targets (fuzz_targets/) and the seeded smoke test (tests/smoke.rs), which runs them on
+//! stable Rust.
 //!
 //! What must NOT happen, whatever the input: a panic, an endless loop, or an allocation
 //! proportional to a number read from disk rather than to the device's size. Errors are
@@ -319,4 +320,11 @@ pub fn read_everything(md: &ThinMetadata, probes: &[u64]) {
             let _ = md.data_block_count(db);
         }
     }
+}
+
+/// The whole-pool model (`thin_pool::model`) driven by `data`: concurrent requests,
+/// snapshots, deletes and reopens on a small in-memory pool, checked against a byte-level
+/// model of every thin. Panics on any disagreement, or on an error a pool must not return.
+pub fn pool_model(data: &[u8]) {
+    thin_pool::model::run(data, &thin_pool::model::Options::fuzz());
 }

@@ -5,13 +5,19 @@
 //! damaged the way a fuzzer would: byte flips, header fields set to edge values, truncation,
 //! re-sealing so the damage gets past the checksum. Each case has its own seed; a failure
 //! prints it, and `FUZZ_SMOKE_SEED=<seed>` replays that one case.
-//! `FUZZ_SMOKE_CASES=<n>` sets the number of cases per harness (default 3000).
+//! `FUZZ_SMOKE_CASES=<n>` sets the number of cases per harness (default 3000; the pool model,
+//! whose cases run a whole pool each, takes at most `POOL_MODEL_CASES` of them).
 
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use ublk_thin_fuzz::{base_image, check_metadata, decode_blocks, open_metadata, to_block, SALTS};
+use ublk_thin_fuzz::{
+    base_image, check_metadata, decode_blocks, open_metadata, pool_model, to_block, SALTS,
+};
 
 const DEFAULT_CASES: u64 = 3000;
+
+/// Most cases of the pool model per run (each formats, runs and reopens a pool).
+const POOL_MODEL_CASES: usize = 100;
 
 /// Values that sit on the edges of what a header field may hold.
 const EDGES: [u32; 10] = [0, 1, 2, 3, 126, 127, 252, 253, 0x7fff_ffff, u32::MAX];
@@ -28,8 +34,16 @@ fn cases() -> Vec<u64> {
 
 /// Runs `harness` on the input of every case, and names the first case that panics.
 fn run(name: &str, make: impl Fn(&mut SmallRng) -> Vec<u8>, harness: fn(&[u8])) {
-    let cases = cases();
-    for &seed in &cases {
+    run_cases(name, &cases(), make, harness);
+}
+
+fn run_cases(
+    name: &str,
+    cases: &[u64],
+    make: impl Fn(&mut SmallRng) -> Vec<u8>,
+    harness: fn(&[u8]),
+) {
+    for &seed in cases {
         let input = make(&mut SmallRng::seed_from_u64(seed));
         if catch_unwind(AssertUnwindSafe(|| harness(&input))).is_err() {
             let hex: String = input.iter().map(|b| format!("{b:02x}")).collect();
@@ -135,4 +149,16 @@ fn undamaged_base_image_opens_and_checks_clean() {
     assert!(report.is_clean(), "the base image checks clean: {report:?}");
     open_metadata(&[]);
     check_metadata(&[]);
+}
+
+/// Random bytes of a fuzzer-sized length (libFuzzer's default limit is 4096).
+fn pool_model_input(rng: &mut SmallRng) -> Vec<u8> {
+    let len = rng.gen_range(0..4096);
+    (0..len).map(|_| rng.gen()).collect()
+}
+
+#[test]
+fn pool_model_smoke() {
+    let cases: Vec<u64> = cases().into_iter().take(POOL_MODEL_CASES).collect();
+    run_cases("pool_model", &cases, pool_model_input, pool_model);
 }

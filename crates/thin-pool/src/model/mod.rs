@@ -31,21 +31,25 @@
 //!
 //! Everything panics on a mismatch, with a message saying where; `run` returns a summary.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod check;
+mod devices;
+mod state;
+
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use block_io::data::{
-    rt, BufResult, BufsResult, DataBlock, DataDevice, DataGeometry, IoBuf, MemDataDevice, Primitive,
-};
-use block_io::{MemMetaDevice, MetaBlock, MetaDevice};
+use block_io::data::{rt, DataGeometry, IoBuf, MemDataDevice};
+use block_io::{MemMetaDevice, MetaDevice};
 use parking_lot::Mutex;
-use thin_metadata::{Lookup, ThinId, VBlock};
 
 use crate::{NoSpacePolicy, Pool, PoolConfig, PoolError, Thin};
+use check::{probe, quiesce_and_check};
+use devices::{mix, GrowableMeta, JitterDevice};
+use state::{describe, is_zero, overlay, split, Block, Input, Kind, Model, Version, OPEN};
 
 /// How a run may use the machine.
 #[derive(Debug, Clone)]
@@ -67,8 +71,8 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             max_threads: 3,
-            max_phases: 12,
-            max_task_bytes: 600,
+            max_phases: 64,
+            max_task_bytes: 240,
             sleeps: true,
             trace: false,
         }
@@ -80,8 +84,8 @@ impl Options {
     pub fn fuzz() -> Self {
         Options {
             max_threads: 1,
-            max_phases: 6,
-            max_task_bytes: 300,
+            max_phases: 8,
+            max_task_bytes: 160,
             sleeps: false,
             trace: false,
         }
@@ -122,332 +126,6 @@ impl Summary {
             + self.write_zeroes
             + self.flushes
     }
-}
-
-/// Reads decisions from the input; past its end every read is 0 and `is_empty` is true.
-#[derive(Debug, Clone)]
-struct Input<'a> {
-    data: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Input<'a> {
-    fn new(data: &'a [u8]) -> Self {
-        Input { data, pos: 0 }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.pos >= self.data.len()
-    }
-
-    fn byte(&mut self) -> u8 {
-        let b = self.data.get(self.pos).copied().unwrap_or(0);
-        self.pos = self.pos.saturating_add(1);
-        b
-    }
-
-    /// A number in `0..n` (0 when n is 0).
-    fn below(&mut self, n: u64) -> u64 {
-        if n <= 1 {
-            return 0;
-        }
-        let v = if n <= 256 {
-            u64::from(self.byte())
-        } else {
-            u64::from(u16::from_le_bytes([self.byte(), self.byte()]))
-        };
-        v % n
-    }
-
-    fn ratio(&mut self, num: u64, den: u64) -> bool {
-        self.below(den) < num
-    }
-
-    /// The next `n` bytes (fewer at the end) as an input of their own.
-    fn split(&mut self, n: usize) -> Input<'a> {
-        let start = self.pos.min(self.data.len());
-        let end = start.saturating_add(n).min(self.data.len());
-        self.pos = end;
-        Input::new(&self.data[start..end])
-    }
-}
-
-/// The data device requests go through: memory, with deterministic yields (and optional
-/// short sleeps) before each operation so that concurrent requests interleave.
-#[derive(Debug)]
-struct JitterDevice {
-    inner: MemDataDevice,
-    ctr: AtomicU64,
-    seed: u64,
-    sleeps: bool,
-}
-
-impl JitterDevice {
-    async fn jitter(&self) {
-        let n = self.ctr.fetch_add(1, Ordering::Relaxed);
-        let h = mix(self.seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        for _ in 0..h % 3 {
-            rt::yield_now().await;
-        }
-        if self.sleeps && (h >> 8) % 8 == 0 {
-            rt::sleep(Duration::from_micros(20 + (h >> 16) % 80)).await;
-        }
-    }
-}
-
-fn mix(mut x: u64) -> u64 {
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    x ^ (x >> 33)
-}
-
-impl DataDevice for JitterDevice {
-    fn geometry(&self) -> DataGeometry {
-        self.inner.geometry()
-    }
-
-    async fn read(&self, block: DataBlock, offset_bytes: u64, buf: IoBuf) -> BufResult<()> {
-        self.jitter().await;
-        self.inner.read(block, offset_bytes, buf).await
-    }
-
-    async fn write(&self, block: DataBlock, offset_bytes: u64, buf: IoBuf) -> BufResult<()> {
-        self.jitter().await;
-        self.inner.write(block, offset_bytes, buf).await
-    }
-
-    async fn read_vectored(
-        &self,
-        block: DataBlock,
-        offset_bytes: u64,
-        bufs: Vec<IoBuf>,
-    ) -> BufsResult {
-        self.jitter().await;
-        self.inner.read_vectored(block, offset_bytes, bufs).await
-    }
-
-    async fn write_vectored(
-        &self,
-        block: DataBlock,
-        offset_bytes: u64,
-        bufs: Vec<IoBuf>,
-    ) -> BufsResult {
-        self.jitter().await;
-        self.inner.write_vectored(block, offset_bytes, bufs).await
-    }
-
-    async fn zero_blocks(&self, first: DataBlock, nr_blocks: u64) -> std::io::Result<Primitive> {
-        self.jitter().await;
-        self.inner.zero_blocks(first, nr_blocks).await
-    }
-
-    async fn copy_block(&self, from: DataBlock, to: DataBlock) -> std::io::Result<()> {
-        self.jitter().await;
-        self.inner.copy_block(from, to).await
-    }
-
-    async fn discard_blocks(&self, first: DataBlock, nr_blocks: u64) -> std::io::Result<Primitive> {
-        self.jitter().await;
-        self.inner.discard_blocks(first, nr_blocks).await
-    }
-
-    async fn flush(&self) -> std::io::Result<()> {
-        self.jitter().await;
-        self.inner.flush().await
-    }
-}
-
-/// The metadata device: memory with room to grow. The pool sees `visible` blocks; growing
-/// the metadata when it runs low (as an operator would) raises it.
-#[derive(Debug)]
-struct GrowableMeta {
-    inner: MemMetaDevice,
-    visible: AtomicU64,
-}
-
-impl GrowableMeta {
-    fn check(&self, block: u64) -> std::io::Result<()> {
-        let n = self.nr_blocks();
-        if block >= n {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("metadata block {block} is past the end of the device ({n} blocks)"),
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl MetaDevice for GrowableMeta {
-    fn nr_blocks(&self) -> u64 {
-        self.visible.load(Ordering::SeqCst)
-    }
-
-    fn read_block(&self, block: u64, buf: &mut MetaBlock) -> std::io::Result<()> {
-        self.check(block)?;
-        self.inner.read_block(block, buf)
-    }
-
-    fn write_block(&self, block: u64, buf: &MetaBlock) -> std::io::Result<()> {
-        self.check(block)?;
-        self.inner.write_block(block, buf)
-    }
-
-    fn flush(&self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// One version of a block's bytes, and the sequence numbers between which it may have been
-/// visible. A request's new version is visible from its start; the version it replaces until
-/// its end.
-#[derive(Debug, Clone)]
-struct Version {
-    from: u64,
-    until: u64,
-    /// `None`: all zeros.
-    bytes: Option<Arc<[u8]>>,
-    /// Whether the block is mapped; `None` when the model cannot tell (zeros either way),
-    /// settled by a metadata lookup when the pool is next quiescent.
-    prov: Option<bool>,
-}
-
-const OPEN: u64 = u64::MAX;
-
-impl Version {
-    fn matches(&self, offset: usize, got: &[u8]) -> bool {
-        match &self.bytes {
-            None => is_zero(got),
-            Some(b) => &b[offset..offset + got.len()] == got,
-        }
-    }
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
-}
-
-/// The versions of one block, the current one last.
-#[derive(Debug, Clone)]
-struct Block {
-    versions: Vec<Version>,
-}
-
-impl Block {
-    fn zero() -> Block {
-        Block {
-            versions: vec![Version {
-                from: 0,
-                until: OPEN,
-                bytes: None,
-                prov: Some(false),
-            }],
-        }
-    }
-
-    fn current(&self) -> &Version {
-        self.versions.last().expect("a block has a version")
-    }
-
-    /// Versions visible at some time in `[s, e]`.
-    fn visible(&self, s: u64, e: u64) -> impl Iterator<Item = &Version> {
-        self.versions
-            .iter()
-            .filter(move |v| v.from <= e && v.until >= s)
-    }
-
-    /// Closes every open version at `e`, then makes `last` current.
-    fn settle(&mut self, e: u64, last: Version) {
-        for v in &mut self.versions {
-            if v.until == OPEN {
-                v.until = e;
-            }
-        }
-        self.versions.push(Version {
-            from: last.from.min(e),
-            until: OPEN,
-            ..last
-        });
-    }
-}
-
-#[derive(Debug)]
-struct Model {
-    seq: u64,
-    bs: usize,
-    nr_vblocks: u64,
-    thins: BTreeMap<u32, Vec<Block>>,
-    summary: Summary,
-}
-
-impl Model {
-    fn tick(&mut self) -> u64 {
-        self.seq += 1;
-        self.seq
-    }
-
-    fn block(&mut self, thin: u32, v: u64) -> &mut Block {
-        &mut self.thins.get_mut(&thin).expect("thin in the model")[v as usize]
-    }
-
-    /// Bytes unique to this request (never zero), for `len` bytes.
-    fn stamp(seq: u64, len: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(len);
-        let mut i = 0u64;
-        while out.len() < len {
-            let w = (1u64 << 63) | (seq << 24) | i;
-            out.extend_from_slice(&w.to_le_bytes());
-            i += 1;
-        }
-        out.truncate(len);
-        out
-    }
-}
-
-/// `cur` with `data` written at `offset`.
-fn overlay(cur: &Version, bs: usize, offset: usize, data: &[u8]) -> Arc<[u8]> {
-    let mut b = match &cur.bytes {
-        Some(b) => b.to_vec(),
-        None => vec![0; bs],
-    };
-    b[offset..offset + data.len()].copy_from_slice(data);
-    b.into()
-}
-
-/// One block's share of a request on a thin.
-#[derive(Debug, Clone, Copy)]
-struct Part {
-    vblock: u64,
-    offset: usize,
-    len: usize,
-    buf_off: usize,
-}
-
-fn split(offset: u64, len: u64, bs: u64) -> Vec<Part> {
-    let mut parts = Vec::new();
-    let mut pos = offset;
-    while pos < offset + len {
-        let in_block = pos % bs;
-        let n = (bs - in_block).min(offset + len - pos);
-        parts.push(Part {
-            vblock: pos / bs,
-            offset: in_block as usize,
-            len: n as usize,
-            buf_off: (pos - offset) as usize,
-        });
-        pos += n;
-    }
-    parts
-}
-
-/// How a request changes each block it touches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Write,
-    Discard,
-    WriteZeroes,
 }
 
 /// Everything the tasks of a phase share.
@@ -628,28 +306,6 @@ async fn pause(ctx: &Ctx<'_>, input: &mut Input<'_>) {
             rt::yield_now().await;
         }
     }
-}
-
-fn describe(v: &Version, offset: usize, got: &[u8]) -> String {
-    let want: Vec<u8> = match &v.bytes {
-        None => vec![0; got.len()],
-        Some(b) => b[offset..offset + got.len()].to_vec(),
-    };
-    let first = want.iter().zip(got).position(|(a, b)| a != b).unwrap_or(0);
-    let show = |b: &[u8]| {
-        b[first..(first + 16).min(b.len())]
-            .iter()
-            .map(|x| format!("{x:02x}"))
-            .collect::<String>()
-    };
-    format!(
-        "first difference at byte {}: want {} got {}; model version from seq {} prov {:?}",
-        offset + first,
-        show(&want),
-        show(got),
-        v.from,
-        v.prov
-    )
 }
 
 /// A read anywhere in a thin: each block must equal a version visible during the read.
@@ -937,7 +593,7 @@ fn setup(input: &mut Input<'_>) -> Setup {
     let align = [512, 4096][input.below(2) as usize];
     let nr_data_blocks = 8 + input.below(120);
     let meta_blocks = if input.ratio(1, 4) {
-        48 + input.below(64)
+        96 + input.below(64)
     } else {
         256 + input.below(256)
     };
@@ -945,12 +601,17 @@ fn setup(input: &mut Input<'_>) -> Setup {
         NoSpacePolicy::Error
     } else {
         NoSpacePolicy::Queue {
-            timeout: Duration::from_millis(2 + input.below(20)),
+            timeout: Duration::from_millis(1 + input.below(6)),
         }
     };
     let cfg = PoolConfig {
         reserve_blocks: input.below(9),
         reserve_refill_batch: 1 + input.below(4),
+        reserve_zeroing: if input.ratio(1, 2) {
+            crate::ReserveZeroing::WriteZeroes
+        } else {
+            crate::ReserveZeroing::Primitive
+        },
         reserve_busy_pause: Duration::from_micros(100 + input.below(1000)),
         low_water_mark_blocks: input.below(8),
         no_space,
@@ -1127,175 +788,4 @@ fn run_phase(ctx: &Ctx<'_>, inputs: Vec<Input<'_>>, control_input: Input<'_>, nr
             });
         }
     });
-}
-
-/// Waits for the background to finish (with a time limit), settles what the model could not
-/// tell, and checks every thin, the per-thin and pool counts against the model.
-fn quiesce_and_check(
-    pool: &Arc<Pool>,
-    dev: &Arc<JitterDevice>,
-    meta: &GrowableMeta,
-    model: &Mutex<Model>,
-    phase: u64,
-) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let waiter = {
-        let pool = pool.clone();
-        std::thread::spawn(move || {
-            pool.wait_idle();
-            let _ = tx.send(());
-        })
-    };
-    let start = std::time::Instant::now();
-    loop {
-        // Deleted thins cannot be freed while metadata is low: grow it, as an operator would.
-        let s = pool.status();
-        let cap = meta.inner.nr_blocks();
-        if s.free_metadata_blocks < s.metadata_reserve_blocks + 128 && s.nr_metadata_blocks < cap
-        {
-            let to = (s.nr_metadata_blocks + 128).min(cap);
-            meta.visible.fetch_max(to, Ordering::SeqCst);
-            pool.grow_metadata(to).expect("grow the metadata");
-            model.lock().summary.metadata_grows += 1;
-        }
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(()) => break,
-            Err(_) if start.elapsed() < Duration::from_secs(60) => {}
-            Err(_) => panic!(
-                "phase {phase}: the pool's background work never finished: {:#?}",
-                pool.status()
-            ),
-        }
-    }
-    waiter.join().expect("the idle waiter");
-    let bs = pool.geometry().block_size_bytes;
-
-    let mut m = model.lock();
-    let md = pool.metadata();
-    let mut ids: Vec<u32> = m.thins.keys().copied().collect();
-    ids.sort_unstable();
-    assert_eq!(
-        pool.thins(),
-        ids,
-        "phase {phase}: the pool's thins differ from the model's"
-    );
-    let nv = m.nr_vblocks;
-    let mut data_blocks = BTreeSet::new();
-    for (&id, blocks) in m.thins.iter_mut() {
-        let thin = pool.open_thin(id).expect("open a thin to check it");
-        for (v, block) in blocks.iter_mut().enumerate() {
-            let look = md
-                .lookup(ThinId(id), VBlock(v as u64))
-                .expect("metadata lookup");
-            let mapped = matches!(look, Lookup::Provisioned { .. });
-            let cur = block.versions.last_mut().expect("a version");
-            match cur.prov {
-                None => cur.prov = Some(mapped),
-                Some(p) if p != mapped => panic!(
-                    "phase {phase}: thin {id} block {v}: the model says mapped={p}, the \
-                     metadata says {look:?}"
-                ),
-                Some(_) => {}
-            }
-            let (r, buf) = rt::block_on(thin.read(dev, v as u64 * bs, IoBuf::new(bs as usize)));
-            r.unwrap_or_else(|e| panic!("phase {phase}: read thin {id} block {v}: {e:?}"));
-            if !cur.matches(0, &buf) {
-                panic!(
-                    "phase {phase}: thin {id} block {v} reads wrong when quiescent ({})",
-                    describe(cur, 0, &buf)
-                );
-            }
-            // Only the current version matters from now on.
-            let last = cur.clone();
-            block.versions = vec![Version {
-                from: 0,
-                until: OPEN,
-                ..last
-            }];
-        }
-        for (_, d) in md
-            .mappings_in(ThinId(id), VBlock(0), VBlock(u64::MAX), usize::MAX)
-            .expect("mappings")
-        {
-            data_blocks.insert(d.0);
-        }
-        let beyond = md
-            .mappings_in(ThinId(id), VBlock(nv), VBlock(u64::MAX), 1)
-            .expect("mappings");
-        assert!(
-            beyond.is_empty(),
-            "phase {phase}: thin {id} maps blocks past those written: {beyond:?}"
-        );
-    }
-    let status = pool.status();
-    for t in &status.thins {
-        let want = m.thins[&t.id]
-            .iter()
-            .filter(|b| b.current().prov == Some(true))
-            .count() as u64;
-        assert_eq!(
-            t.mapped_blocks, want,
-            "phase {phase}: thin {} mapped_blocks differs from the model",
-            t.id
-        );
-    }
-    assert_eq!(
-        status.deleting_blocks, 0,
-        "phase {phase}: deleted thins not freed when idle"
-    );
-    assert_eq!(
-        status.used_data_blocks,
-        data_blocks.len() as u64,
-        "phase {phase}: used data blocks differ from the distinct blocks the thins map \
-         (a leak, or a block counted twice): {status:#?}"
-    );
-    drop(m);
-}
-
-/// A full-block write to an unprovisioned block must succeed exactly when a data block is
-/// free (or ready in the reserve), unless metadata is low.
-fn probe(pool: &Pool, dev: &Arc<JitterDevice>, model: &Mutex<Model>, st: &Setup, phase: u64) {
-    let target = {
-        let m = model.lock();
-        m.thins.iter().find_map(|(&id, blocks)| {
-            blocks
-                .iter()
-                .position(|b| b.current().prov == Some(false))
-                .map(|v| (id, v as u64))
-        })
-    };
-    let Some((id, v)) = target else { return };
-    let s = pool.status();
-    let free = s.free_data_blocks + s.reserve_ready;
-    let meta_low = s.free_metadata_blocks < s.metadata_reserve_blocks + 64;
-    let thin = pool.open_thin(id).expect("open for the probe");
-    let data = {
-        let mut m = model.lock();
-        m.summary.probes += 1;
-        let seq = m.tick();
-        Model::stamp(seq, st.bs as usize)
-    };
-    let (r, _) = rt::block_on(thin.write(dev, v * st.bs, IoBuf::from_slice(&data), false));
-    match (r, free > 0) {
-        (Ok(()), true) => {
-            let mut m = model.lock();
-            let e = m.tick();
-            m.block(id, v).settle(
-                e,
-                Version {
-                    from: e,
-                    until: OPEN,
-                    bytes: Some(data.into()),
-                    prov: Some(true),
-                },
-            );
-        }
-        (Err(PoolError::NoDataSpace), false) => {}
-        (Err(PoolError::NoMetadataSpace), _) if meta_low => {}
-        (r, _) => panic!(
-            "phase {phase}: probe write to thin {id} block {v} with {free} free blocks \
-             (free {} + reserve {}): {r:?}; {s:#?}",
-            s.free_data_blocks, s.reserve_ready
-        ),
-    }
 }
