@@ -166,6 +166,30 @@ impl ThinMetadata {
         }
     }
 
+    /// `lookup` for a writer deciding whether it may overwrite in place (dm-thin's
+    /// `__snapshotted_since`): `shared` is also true when the mapping predates the thin's
+    /// latest snapshot. Sharing that ended in the current transaction (the other thin broke
+    /// away, was discarded or deleted) still holds in the last committed state, and an
+    /// in-place write would show through it after a crash; the mapping's time says so
+    /// until the block is copied once.
+    pub fn lookup_for_write(&self, thin: ThinId, vblock: VBlock) -> Result<Lookup> {
+        let inner = self.inner.read();
+        let t = inner.thin(thin)?;
+        match btree::lookup(&inner.store, t.root, vblock.0, TreeKind::MappingBottom)? {
+            None => Ok(Lookup::Unprovisioned),
+            Some((v, path_shared)) => {
+                let (db, time) = unpack_block_time(v.as_u64());
+                let shared = path_shared
+                    || inner.store.data_sm.get(db) > 1
+                    || time < t.details.snapshotted_time;
+                Ok(Lookup::Provisioned {
+                    data_block: DataBlock(db),
+                    shared,
+                })
+            }
+        }
+    }
+
     /// Allocates a free data block. The caller owns its one reference until it passes it to
     /// `insert` (or gives it back with `release_data_block`).
     pub fn alloc_data_block(&self) -> Result<DataBlock> {

@@ -267,7 +267,7 @@ impl Thin {
                 .prison
                 .shared(Key::virt(self.id, p.vblock), Access::Write)
                 .await;
-            let found = match s.meta.lookup(thin, vblock) {
+            let found = match s.meta.lookup_for_write(thin, vblock) {
                 Ok(l) => l,
                 Err(e) => return (Err(s.meta_error(e)), buf),
             };
@@ -476,6 +476,22 @@ impl Thin {
             let mut blocks: Vec<u64> = found.iter().map(|(_, d)| d.0).collect();
             blocks.sort_unstable();
             blocks.dedup();
+            // A block shared in the last committed state (see `lookup_for_write`) keeps its
+            // data even when its last reference goes now: a crash brings the sharer back.
+            let keep: Vec<u64> = if passdown {
+                found
+                    .iter()
+                    .filter(|(v, _)| {
+                        !matches!(
+                            s.meta.lookup_for_write(thin, *v),
+                            Ok(Lookup::Provisioned { shared: false, .. })
+                        )
+                    })
+                    .map(|(_, d)| d.0)
+                    .collect()
+            } else {
+                Vec::new()
+            };
             // Data locks keep a block whose last reference goes from being reallocated and
             // written (after the next commit) before its passdown is done.
             let mut data_locks = Vec::with_capacity(blocks.len());
@@ -494,7 +510,7 @@ impl Thin {
             if passdown {
                 let freed: Vec<u64> = blocks
                     .into_iter()
-                    .filter(|&b| s.meta.data_block_count(DataBlock(b)) == 0)
+                    .filter(|&b| s.meta.data_block_count(DataBlock(b)) == 0 && !keep.contains(&b))
                     .collect();
                 pass_down(s, dev, &freed).await;
             }
