@@ -3,8 +3,8 @@
 //! several thins, checked against a byte-level model of every thin (see `src/model.rs`).
 //!
 //! Each seed makes the model's input bytes. `THIN_POOL_MODEL_SEED=<n>` replays one seed;
-//! `THIN_POOL_MODEL_SEEDS=<n>` runs seeds 0..n (default 3 in debug builds, 20 in release);
-//! `THIN_POOL_MODEL_BYTES=<n>` sets the input size per seed (default 3000 in debug, 24000 in
+//! `THIN_POOL_MODEL_SEEDS=<n>` runs seeds 0..n (default 4 in debug builds, 20 in release);
+//! `THIN_POOL_MODEL_BYTES=<n>` sets the input size per seed (default 8000 in debug, 24000 in
 //! release, about 6 bytes per request); `THIN_POOL_MODEL_TRACE=1` prints every operation.
 
 use rand::{rngs::SmallRng, Rng, SeedableRng};
@@ -39,10 +39,10 @@ fn whole_pool_model() {
     let seeds: Vec<u64> = match env_u64("THIN_POOL_MODEL_SEED") {
         Some(s) => vec![s],
         None => {
-            (0..env_u64("THIN_POOL_MODEL_SEEDS").unwrap_or(if release { 20 } else { 3 })).collect()
+            (0..env_u64("THIN_POOL_MODEL_SEEDS").unwrap_or(if release { 20 } else { 4 })).collect()
         }
     };
-    let nr_bytes = env_u64("THIN_POOL_MODEL_BYTES").unwrap_or(if release { 24000 } else { 3000 });
+    let nr_bytes = env_u64("THIN_POOL_MODEL_BYTES").unwrap_or(if release { 24000 } else { 8000 });
     let opts = Options {
         trace: std::env::var_os("THIN_POOL_MODEL_TRACE").is_some(),
         ..Options::default()
