@@ -152,7 +152,7 @@ async fn refill_step<D: DataDevice>(shared: &Shared, dev: &D) -> bool {
     }
     let held = shared.reserve.nr_held();
     let target = shared.cfg.reserve_blocks;
-    if held >= target {
+    if held >= target || !shared.meta.thins().contains(&RESERVE_THIN) {
         return false;
     }
     let gen = shared.space_gen.load(Ordering::SeqCst);

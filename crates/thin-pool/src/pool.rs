@@ -208,7 +208,15 @@ impl Pool {
                 "the metadata's needs_check flag is set".into(),
             );
         } else if shared.cfg.reserve_blocks > 0 && !shared.meta.thins().contains(&RESERVE_THIN) {
-            shared.meta.create_thin(RESERVE_THIN)?;
+            match shared.meta.create_thin(RESERVE_THIN) {
+                Ok(()) => {}
+                // A pool whose metadata is full still opens; it zeroes synchronously.
+                Err(thin_metadata::Error::NoSpace(Space::Metadata)) => tracing::warn!(
+                    "metadata space is low: running without the pre-zeroed reserve (grow the \
+                     metadata and reopen to get it back)"
+                ),
+                Err(e) => return Err(e.into()),
+            }
         }
         let make_device = Arc::new(make_device);
         let mut threads = Vec::new();
@@ -684,7 +692,8 @@ impl Shared {
         if trash || self.reserve.nr_held() != self.reserve.nr_ready() {
             return false;
         }
-        let full = self.reserve.nr_ready() >= self.cfg.reserve_blocks;
+        let full = self.reserve.nr_ready() >= self.cfg.reserve_blocks
+            || !self.meta.thins().contains(&RESERVE_THIN);
         // The worker refills only in write mode (`refill_step`): out of data space it waits
         // for a write to find space again, so the reserve staying short is idle too.
         let refilling = self.mode() == PoolMode::Write;

@@ -741,3 +741,23 @@ fn reserved_ids_and_bad_requests_get_clear_errors() {
         assert_eq!(errno(res), 22, "odd length");
     });
 }
+
+#[test]
+fn a_pool_too_low_on_metadata_for_its_reserve_still_opens() {
+    // 64 metadata blocks leave nothing above the reserve kept for commits.
+    let r = rig_on(
+        Arc::new(MemMetaDevice::new(64)),
+        64 * KIB,
+        16,
+        PoolConfig::default(),
+    );
+    r.pool.wait_idle();
+    let st = r.pool.status();
+    assert_eq!(st.reserve_ready, 0);
+    assert_eq!(st.mode, PoolMode::Write);
+    assert!(matches!(
+        r.pool.create_thin(1),
+        Err(PoolError::Metadata(_) | PoolError::NoMetadataSpace)
+    ));
+    close_and_check(r);
+}
