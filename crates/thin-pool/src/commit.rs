@@ -21,8 +21,9 @@ use crate::error::{PoolError, Result};
 use crate::pool::{DeviceFactory, Shared};
 use crate::status::{bump, PoolMode};
 
-/// How often the committer looks at queued writes' deadlines while some wait for space.
-const SPACE_TICK: Duration = Duration::from_millis(50);
+/// How often the committer looks at queued writes' deadlines while some wait for space: how
+/// late a queued write may notice its timeout.
+const SPACE_TICK: Duration = Duration::from_millis(5);
 
 impl Shared {
     /// Runs (or joins) a commit round and waits for it.
