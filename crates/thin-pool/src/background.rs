@@ -232,6 +232,7 @@ fn free_deleted_step(shared: &Shared) -> bool {
         .mappings_in(trash, VBlock(0), VBlock(u64::MAX), batch)
         .and_then(|maps| match (maps.first(), maps.last()) {
             (Some(first), Some(last)) => {
+                let _cut = crate::thin::Cut::begin(shared);
                 meta.remove_range(trash, first.0, VBlock(last.0 .0 + 1))?;
                 Ok(())
             }

@@ -58,6 +58,9 @@ impl Shared {
     /// One round: commit (or just flush the data) and record the outcome.
     fn round(&self, flush_data: &dyn Fn() -> std::io::Result<()>) -> Result<()> {
         let seq = self.change_seq.load(Ordering::SeqCst);
+        // Every cut counted here finished its metadata change before this load, so the
+        // commit below (or the clean state found) includes it.
+        let cut = self.cut_seq.load(Ordering::SeqCst);
         if !matches!(self.mode(), PoolMode::Write | PoolMode::OutOfDataSpace) {
             // No commit can succeed; flushes of unchanged thins still flush the data.
             flush_data().map_err(PoolError::DataIo)?;
@@ -66,6 +69,7 @@ impl Shared {
         if !self.meta.has_uncommitted_changes() {
             flush_data().map_err(PoolError::DataIo)?;
             self.durable_seq.fetch_max(seq, Ordering::SeqCst);
+            self.cut_durable.fetch_max(cut, Ordering::SeqCst);
             return Ok(());
         }
         let free_before = self.meta.status().nr_free_data_blocks;
@@ -74,6 +78,7 @@ impl Shared {
             Ok(()) => {
                 self.counters.record_commit(t0.elapsed());
                 self.durable_seq.fetch_max(seq, Ordering::SeqCst);
+                self.cut_durable.fetch_max(cut, Ordering::SeqCst);
                 // Blocks freed in the committed transaction can be allocated now.
                 if free_before > 0 || self.space.has_waiters() {
                     self.space_changed();

@@ -92,6 +92,10 @@ pub(crate) struct Shared {
     pub inflight: AtomicU64,
     lwm_fired: AtomicBool,
     meta_low_fired: AtomicBool,
+    /// Cuts of sharing in progress, finished, and covered by a durable commit (thin.rs `Cut`).
+    pub cuts_in_progress: AtomicU64,
+    pub cut_seq: AtomicU64,
+    pub cut_durable: AtomicU64,
     /// `space_gen + 1` when the worker last found no free block for the reserve; 0 if not.
     pub refill_stalled_at: AtomicU64,
 }
@@ -201,6 +205,9 @@ impl Pool {
             lwm_fired: AtomicBool::new(false),
             meta_low_fired: AtomicBool::new(false),
             refill_stalled_at: AtomicU64::new(0),
+            cuts_in_progress: AtomicU64::new(0),
+            cut_seq: AtomicU64::new(0),
+            cut_durable: AtomicU64::new(0),
         });
         if st.needs_check {
             shared.set_mode(
@@ -307,6 +314,7 @@ impl Pool {
             // the mapping tree to the trash id in O(1): a snapshot shares the root, the
             // delete drops the original's reference.
             let meta = &self.shared.meta;
+            let _cut = crate::thin::Cut::begin(&self.shared);
             meta.create_snap(ThinId(trash), ThinId(id))
                 .and_then(|()| meta.delete_thin(ThinId(id)))
                 .map_err(|e| self.shared.control_error(e))?;

@@ -267,7 +267,7 @@ impl Thin {
                 .prison
                 .shared(Key::virt(self.id, p.vblock), Access::Write)
                 .await;
-            let found = match s.meta.lookup_for_write(thin, vblock) {
+            let found = match s.lookup_for_write(thin, vblock) {
                 Ok(l) => l,
                 Err(e) => return (Err(s.meta_error(e)), buf),
             };
@@ -385,6 +385,8 @@ impl Thin {
         }
         // Readers of the old block drain; new ones wait for the new mapping.
         let _exclusive = exclusive.promote(Level::ReadWrite).await;
+        // The old block loses this thin's reference: the other sharers may see it unshared.
+        let _cut = Cut::begin(s);
         if let Err(e) = s.map_fresh(fresh, ThinId(self.id), VBlock(p.vblock)) {
             s.give_back(fresh);
             return (Err(s.meta_error(e)), buf);
@@ -476,8 +478,10 @@ impl Thin {
             let mut blocks: Vec<u64> = found.iter().map(|(_, d)| d.0).collect();
             blocks.sort_unstable();
             blocks.dedup();
-            // A block shared in the last committed state (see `lookup_for_write`) keeps its
-            // data even when its last reference goes now: a crash brings the sharer back.
+            // A block shared in the last committed state (see `Shared::lookup_for_write`)
+            // keeps its data even when its last reference goes now: a crash brings the sharer
+            // back. Which blocks may be is decided before the removal, by mapping age.
+            let cut = Cut::begin(s);
             let keep: Vec<u64> = if passdown {
                 found
                     .iter()
@@ -508,12 +512,17 @@ impl Thin {
                 .blocks_discarded
                 .fetch_add(n, Ordering::Relaxed);
             if passdown {
+                // With no other cut of sharing pending, the last commit shows exactly today's
+                // sharing (less this discard's own removal), and the age test is not needed.
+                let settled = s.sharing_settled(1);
                 let freed: Vec<u64> = blocks
                     .into_iter()
-                    .filter(|&b| s.meta.data_block_count(DataBlock(b)) == 0 && !keep.contains(&b))
+                    .filter(|&b| s.meta.data_block_count(DataBlock(b)) == 0)
+                    .filter(|b| settled || !keep.contains(b))
                     .collect();
                 pass_down(s, dev, &freed).await;
             }
+            drop(cut);
             drop(data_locks);
             cur = hi;
             rt::yield_now().await;
@@ -574,7 +583,47 @@ impl Drop for Thin {
     }
 }
 
+/// A change that may end the sharing of data blocks (a break, an unmap, a delete), pending
+/// from `begin` until dropped after the change. Until a commit that started after the drop
+/// has finished, the last commit may show blocks shared that look unshared now.
+pub(crate) struct Cut<'a>(&'a Shared);
+
+impl<'a> Cut<'a> {
+    pub fn begin(s: &'a Shared) -> Cut<'a> {
+        s.cuts_in_progress.fetch_add(1, Ordering::SeqCst);
+        Cut(s)
+    }
+}
+
+impl Drop for Cut<'_> {
+    fn drop(&mut self) {
+        self.0.cut_seq.fetch_add(1, Ordering::SeqCst);
+        self.0.cuts_in_progress.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Shared {
+    /// True when no cut of sharing is pending or uncommitted (ignoring `own` cuts of the
+    /// caller's in progress): then the last commit shows no sharing that is gone now.
+    pub fn sharing_settled(&self, own: u64) -> bool {
+        self.cuts_in_progress.load(Ordering::SeqCst) <= own
+            && self.cut_seq.load(Ordering::SeqCst) <= self.cut_durable.load(Ordering::SeqCst)
+    }
+
+    /// Looks a block up for a writer. `shared` is exact for today and, while a cut of sharing
+    /// is not yet durable, also true for mappings older than the thin's latest snapshot
+    /// (dm-thin's test): such a block may be shared in the last commit, and an in-place
+    /// write would show through the other thin after a crash. Once the cuts are committed
+    /// the exact answer alone decides, so writes after a deleted snapshot do not copy.
+    fn lookup_for_write(&self, thin: ThinId, vblock: VBlock) -> thin_metadata::Result<Lookup> {
+        let found = self.meta.lookup(thin, vblock)?;
+        // Checked after the lookup: a cut the lookup saw is pending or counted by now.
+        if matches!(found, Lookup::Provisioned { shared: false, .. }) && !self.sharing_settled(0) {
+            return self.meta.lookup_for_write(thin, vblock);
+        }
+        Ok(found)
+    }
+
     /// `thin_changed` for a handle that already has the thin's shared state.
     fn thin_changed_fast(&self, ts: &ThinShared) {
         let seq = self.change_seq.fetch_add(1, Ordering::SeqCst) + 1;

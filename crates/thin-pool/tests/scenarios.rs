@@ -285,10 +285,16 @@ fn metadata_low_refuses_provisioning_but_keeps_commits_working() {
 
 #[test]
 fn discard_passes_down_only_when_the_last_reference_goes() {
-    let r = rig(64 * KIB, 64, PoolConfig::default());
+    // Commits happen only where the test asks for them.
+    let cfg = PoolConfig {
+        commit_interval: Duration::from_secs(3600),
+        ..PoolConfig::default()
+    };
+    let r = rig(64 * KIB, 64, cfg);
     r.pool.create_thin(1).unwrap();
     let t = r.pool.open_thin(1).unwrap();
     let bs = t.block_size_bytes();
+    let passed = || r.pool.status().stats.blocks_passed_down;
     rt::block_on(async {
         for b in 0..8 {
             let (res, _) = t
@@ -300,24 +306,80 @@ fn discard_passes_down_only_when_the_last_reference_goes() {
         let s = r.pool.open_thin(2).unwrap();
         // The origin lets go of blocks 0..4; the snapshot still holds them.
         t.discard(&r.data, 0, 4 * bs).await.unwrap();
-        assert_eq!(r.pool.status().stats.blocks_passed_down, 0);
+        assert_eq!(passed(), 0);
         let (res, buf) = s.read(&r.data, 0, IoBuf::new(4 * bs as usize)).await;
         res.unwrap();
         assert!(
             buf.iter().all(|&b| b == 4),
             "the snapshot still reads its data"
         );
-        // Now the snapshot lets go of 0..2 too. Their last reference goes, but the last
-        // commit still shows them shared (their mappings predate the snapshot), and a crash
-        // would bring the origin's mappings back over zeroed data: nothing is passed down.
-        s.discard(&r.data, 0, 2 * bs).await.unwrap();
-        assert_eq!(r.pool.status().stats.blocks_passed_down, 0);
+        // The snapshot lets go of block 0 too. Its last reference goes, but the origin's
+        // discard is not committed: the last commit still shows it shared, and a crash would
+        // bring the origin's mapping back over zeroed data. Nothing is passed down.
+        s.discard(&r.data, 0, bs).await.unwrap();
+        assert_eq!(passed(), 0);
+        // Once the origin's discard is committed, the last reference of block 1 going is the
+        // whole story: it is passed down.
+        r.pool.commit().await.unwrap();
+        s.discard(&r.data, bs, bs).await.unwrap();
+        assert_eq!(passed(), 1);
         // A partial-block discard changes nothing.
         s.discard(&r.data, 2 * bs + 4096, 4096).await.unwrap();
         let (res, buf) = s.read(&r.data, 2 * bs, IoBuf::new(bs as usize)).await;
         res.unwrap();
         assert!(buf.iter().all(|&b| b == 4));
         s.flush(&r.data).await.unwrap();
+    });
+    close_and_check(r);
+}
+
+#[test]
+fn writes_copy_after_a_snapshot_but_not_once_it_is_deleted_and_committed() {
+    let cfg = PoolConfig {
+        commit_interval: Duration::from_secs(3600),
+        ..PoolConfig::default()
+    };
+    let r = rig(64 * KIB, 64, cfg);
+    r.pool.create_thin(1).unwrap();
+    let t = r.pool.open_thin(1).unwrap();
+    let bs = t.block_size_bytes();
+    let copies = || r.pool.status().stats.copies;
+    rt::block_on(async {
+        for b in 0..4 {
+            let (res, _) = t
+                .write(&r.data, b * bs, IoBuf::filled(bs as usize, 1), false)
+                .await;
+            res.unwrap();
+        }
+        r.pool.create_snap(2, 1).await.unwrap();
+        let (res, _) = t.write(&r.data, 0, IoBuf::filled(4096, 2), false).await;
+        res.unwrap();
+        assert_eq!(copies(), 1, "a write to a shared block copies it");
+        r.pool.delete_thin(2).unwrap();
+        r.pool.wait_idle();
+        // Deleted but not committed: the last commit still shows the snapshot sharing.
+        let (res, _) = t.write(&r.data, bs, IoBuf::filled(4096, 2), false).await;
+        res.unwrap();
+        assert_eq!(copies(), 2, "sharing that ended uncommitted still copies");
+        r.pool.commit().await.unwrap();
+        let (res, _) = t
+            .write(&r.data, 2 * bs, IoBuf::filled(4096, 2), false)
+            .await;
+        res.unwrap();
+        assert_eq!(
+            copies(),
+            2,
+            "once the delete is committed, writes go in place"
+        );
+        let (res, buf) = t.read(&r.data, 0, IoBuf::new(4 * bs as usize)).await;
+        res.unwrap();
+        for b in 0..4usize {
+            let blk = &buf[b * bs as usize..(b + 1) * bs as usize];
+            let want_head = if b < 3 { 2 } else { 1 };
+            assert!(blk[..4096].iter().all(|&x| x == want_head), "block {b}");
+            assert!(blk[4096..].iter().all(|&x| x == 1), "block {b}");
+        }
+        t.flush(&r.data).await.unwrap();
     });
     close_and_check(r);
 }
