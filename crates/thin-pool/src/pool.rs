@@ -656,11 +656,11 @@ impl Shared {
             return;
         }
         tracing::error!("{why}: aborting the transaction, pool goes read-only");
+        // Read-only first: changes racing with the abort (whose claims it drops) fail as
+        // read-only instead of latching again with a misleading reason.
+        self.set_mode(PoolMode::ReadOnly, why.clone());
         match self.meta.abort() {
-            Ok(()) => {
-                self.reserve.reload(&self.meta);
-                self.set_mode(PoolMode::ReadOnly, why);
-            }
+            Ok(()) => self.reserve.reload(&self.meta),
             Err(e) => self.set_mode(PoolMode::Fail, format!("{why}; reloading failed: {e}")),
         }
     }

@@ -70,6 +70,23 @@ impl Fresh {
     }
 }
 
+/// A request's parts, without a heap allocation for the usual single part.
+enum Parts {
+    One([Part; 1]),
+    Many(Vec<Part>),
+}
+
+impl std::ops::Deref for Parts {
+    type Target = [Part];
+
+    fn deref(&self) -> &[Part] {
+        match self {
+            Parts::One(one) => one,
+            Parts::Many(many) => many,
+        }
+    }
+}
+
 /// Counts a request as in flight for its lifetime.
 struct InFlight<'a>(&'a Shared);
 
@@ -117,7 +134,7 @@ impl Thin {
         self.shared.geometry.align_bytes
     }
 
-    fn split(&self, offset: u64, len: u64) -> Result<Vec<Part>> {
+    fn split(&self, offset: u64, len: u64) -> Result<Parts> {
         let align = self.align_bytes();
         if !offset.is_multiple_of(align) || !len.is_multiple_of(align) {
             return Err(PoolError::Invalid(format!(
@@ -128,6 +145,15 @@ impl Thin {
             PoolError::Invalid(format!("request at byte {offset} of {len} bytes overflows"))
         })?;
         let bs = self.block_size_bytes();
+        if len > 0 && offset / bs == (end - 1) / bs {
+            // The common case, a request inside one block: no allocation.
+            return Ok(Parts::One([Part {
+                vblock: offset / bs,
+                offset: offset % bs,
+                len,
+                buf_off: 0,
+            }]));
+        }
         let mut parts = Vec::with_capacity((len / bs + 2) as usize);
         let mut pos = offset;
         while pos < end {
@@ -142,7 +168,7 @@ impl Thin {
             });
             pos += n;
         }
-        Ok(parts)
+        Ok(Parts::Many(parts))
     }
 
     /// Reads `buf.len()` bytes at byte `offset` of the thin. Unprovisioned blocks read as
@@ -163,7 +189,7 @@ impl Thin {
             Ok(p) => p,
             Err(e) => return (Err(e), buf),
         };
-        if let [part] = parts.as_slice() {
+        if let [part] = &*parts {
             return self.read_part(dev, part, buf).await;
         }
         let outs = rt::join_all(
@@ -229,7 +255,7 @@ impl Thin {
             Ok(p) => p,
             Err(e) => return (Err(e), buf),
         };
-        let mut res = if let [part] = parts.as_slice() {
+        let mut res = if let [part] = &*parts {
             let (r, b) = self.write_part(dev, part, buf).await;
             buf = b;
             r
@@ -422,7 +448,7 @@ impl Thin {
         self.shared.check_writable()?;
         let bs = self.block_size_bytes();
         let (whole, partial): (Vec<Part>, Vec<Part>) =
-            parts.into_iter().partition(|p| p.covers_block(bs));
+            parts.iter().partition(|p| p.covers_block(bs));
         if let (Some(first), Some(last)) = (whole.first(), whole.last()) {
             self.unmap(
                 dev,

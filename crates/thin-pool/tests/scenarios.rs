@@ -622,7 +622,13 @@ fn a_metadata_write_error_latches_read_only() {
         assert!(buf.iter().all(|&b| b == 1));
     });
     let st = r.pool.status();
-    assert!(st.mode_reason.unwrap().contains("commit failed"));
+    // The committer or the worker (whose next change finds the metadata latched) may be the
+    // one to report it.
+    let why = st.mode_reason.unwrap();
+    assert!(
+        why.contains("commit failed") || why.contains("earlier write failure"),
+        "{why}"
+    );
     assert_eq!(st.stats.commit_failures, 1);
     assert!(r.pool.create_thin(5).is_err());
     drop(t);
