@@ -159,7 +159,17 @@ async fn refill_step<D: DataDevice>(shared: &Shared, dev: &D) -> bool {
     if shared.refill_stalled_at.load(Ordering::SeqCst) == gen + 1 {
         return false; // no space since the last try
     }
-    let n = (target - held).min(shared.cfg.reserve_refill_batch);
+    // While requests are in flight, refill only a reserve below half its target, in small
+    // batches: zeroing then competes with foreground I/O for the device. Idle, refill fully.
+    let busy = shared.inflight.load(Ordering::Relaxed) > 0;
+    if busy && held >= target.div_ceil(2) {
+        return false;
+    }
+    let batch = match busy {
+        true => (shared.cfg.reserve_refill_batch / 4).max(1),
+        false => shared.cfg.reserve_refill_batch,
+    };
+    let n = (target - held).min(batch);
     let first_key = shared.reserve.begin_refill(n);
     let mut blocks = Vec::new();
     for _ in 0..n {

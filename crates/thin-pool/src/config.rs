@@ -48,7 +48,8 @@ pub struct PoolConfig {
     /// zeroing. 0 turns the reserve off (every partial first write zeroes synchronously).
     pub reserve_blocks: u64,
     /// Most blocks the background zeroes in one go (one contiguous zeroing call when the
-    /// allocator hands out a run).
+    /// allocator hands out a run). While requests are in flight it refills only a reserve
+    /// below half its target, a quarter of this at a time.
     pub reserve_refill_batch: u64,
     /// How reserve blocks are zeroed.
     pub reserve_zeroing: ReserveZeroing,

@@ -762,7 +762,11 @@ impl Shared {
     fn take_reserved(&self) -> Option<Fresh> {
         let (key, block) = self.reserve.take()?;
         bump(&self.counters.provisions_reserve);
-        self.kick_worker();
+        // The worker refills below half the target while busy (and fully once idle, on its
+        // own timer): waking it on every take would cost a syscall per first write.
+        if self.reserve.nr_held() < self.cfg.reserve_blocks.div_ceil(2) {
+            self.kick_worker();
+        }
         Some(Fresh::Reserved { key, block })
     }
 }
