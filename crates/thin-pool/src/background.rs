@@ -109,15 +109,8 @@ async fn zero_blocks<D: DataDevice>(
 async fn zero_runs<D: DataDevice>(dev: &D, blocks: &[DataBlock]) -> std::io::Result<()> {
     let mut sorted: Vec<u64> = blocks.iter().map(|b| b.0).collect();
     sorted.sort_unstable();
-    let mut i = 0;
-    while i < sorted.len() {
-        let mut j = i + 1;
-        while j < sorted.len() && sorted[j] == sorted[j - 1] + 1 {
-            j += 1;
-        }
-        dev.zero_blocks(block_io::data::DataBlock(sorted[i]), (j - i) as u64)
-            .await?;
-        i = j;
+    for (first, n) in crate::thin::runs(&sorted) {
+        dev.zero_blocks(block_io::data::DataBlock(first), n).await?;
     }
     Ok(())
 }

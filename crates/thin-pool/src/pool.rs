@@ -610,9 +610,8 @@ impl Shared {
 
     /// Records that `thin`'s metadata changed: its next flush must commit.
     pub fn thin_changed(&self, thin: u32) {
-        let seq = self.change_seq.fetch_add(1, Ordering::SeqCst) + 1;
         let ts = self.thins.lock().entry(thin).or_default().shared.clone();
-        ts.last_change.fetch_max(seq, Ordering::SeqCst);
+        self.thin_changed_fast(&ts);
     }
 
     /// Maps a metadata error of a request to the pool's reaction and the request's error:

@@ -429,14 +429,13 @@ impl Thin {
         bump(&self.shared.counters.discards);
         let parts = self.split(offset, len)?;
         self.shared.check_writable()?;
-        let bs = self.block_size_bytes();
-        let mut whole = parts.iter().filter(|p| p.covers_block(bs));
-        let Some(first) = whole.next() else {
-            return Ok(());
-        };
-        let end = whole.next_back().unwrap_or(first).vblock + 1;
-        self.unmap(dev, first.vblock, end, self.shared.cfg.discard_passdown)
-            .await
+        match whole_blocks(&parts, self.block_size_bytes()) {
+            Some((first, end)) => {
+                self.unmap(dev, first, end, self.shared.cfg.discard_passdown)
+                    .await
+            }
+            None => Ok(()),
+        }
     }
 
     /// Makes `[offset, offset + len)` read as zeros: whole blocks are unmapped, partial ones
@@ -447,19 +446,12 @@ impl Thin {
         let parts = self.split(offset, len)?;
         self.shared.check_writable()?;
         let bs = self.block_size_bytes();
-        let (whole, partial): (Vec<Part>, Vec<Part>) =
-            parts.iter().partition(|p| p.covers_block(bs));
-        if let (Some(first), Some(last)) = (whole.first(), whole.last()) {
-            self.unmap(
-                dev,
-                first.vblock,
-                last.vblock + 1,
-                self.shared.cfg.discard_passdown,
-            )
-            .await?;
+        if let Some((first, end)) = whole_blocks(&parts, bs) {
+            self.unmap(dev, first, end, self.shared.cfg.discard_passdown)
+                .await?;
         }
-        for p in partial {
-            let (r, _) = self.write_part(dev, &p, IoBuf::new(p.len as usize)).await;
+        for p in parts.iter().filter(|p| !p.covers_block(bs)) {
+            let (r, _) = self.write_part(dev, p, IoBuf::new(p.len as usize)).await;
             r?;
         }
         Ok(())
@@ -496,32 +488,42 @@ impl Thin {
                     Level::ReadWrite,
                 )
                 .await;
-            // Look again under the lock: writes may have provisioned more meanwhile.
-            let found = s
-                .meta
-                .mappings_in(thin, VBlock(lo), VBlock(hi), usize::MAX)
+            // Look again under the lock: writes may have provisioned more meanwhile. Each
+            // block's mapping time is noted for the passdown decision below.
+            let mut found = Vec::new();
+            s.meta
+                .for_each_mapping(thin, VBlock(lo), |v, d, time| {
+                    if v.0 >= hi {
+                        return false;
+                    }
+                    found.push((d.0, time));
+                    true
+                })
                 .map_err(|e| s.meta_error(e))?;
-            let mut blocks: Vec<u64> = found.iter().map(|(_, d)| d.0).collect();
+            let mut blocks: Vec<u64> = found.iter().map(|&(d, _)| d).collect();
             blocks.sort_unstable();
             blocks.dedup();
             // A block shared in the last committed state (see `Shared::lookup_for_write`)
             // keeps its data even when its last reference goes now: a crash brings the sharer
-            // back. Which blocks may be is decided before the removal, by mapping age.
+            // back. Which blocks may be is decided before the removal, by mapping age: for a
+            // block whose last reference this removal drops, the other parts of the write
+            // test (a shared path, a count above one) cannot hold, since the removal would
+            // then leave it referenced.
             let cut = Cut::begin(s);
-            let keep: Vec<u64> = if passdown {
-                found
+            let mut keep: Vec<u64> = Vec::new();
+            if passdown {
+                let snapshotted = s
+                    .meta
+                    .details(thin)
+                    .map_err(|e| s.meta_error(e))?
+                    .snapshotted_time;
+                keep = found
                     .iter()
-                    .filter(|(v, _)| {
-                        !matches!(
-                            s.meta.lookup_for_write(thin, *v),
-                            Ok(Lookup::Provisioned { shared: false, .. })
-                        )
-                    })
-                    .map(|(_, d)| d.0)
-                    .collect()
-            } else {
-                Vec::new()
-            };
+                    .filter(|&&(_, time)| time < snapshotted)
+                    .map(|&(d, _)| d)
+                    .collect();
+                keep.sort_unstable();
+            }
             // Data locks keep a block whose last reference goes from being reallocated and
             // written (after the next commit) before its passdown is done.
             let mut data_locks = Vec::with_capacity(blocks.len());
@@ -544,7 +546,7 @@ impl Thin {
                 let freed: Vec<u64> = blocks
                     .into_iter()
                     .filter(|&b| s.meta.data_block_count(DataBlock(b)) == 0)
-                    .filter(|b| settled || !keep.contains(b))
+                    .filter(|b| settled || keep.binary_search(b).is_err())
                     .collect();
                 pass_down(s, dev, &freed).await;
             }
@@ -575,18 +577,36 @@ impl Thin {
     }
 }
 
-/// Passes discards of `blocks` (ascending) down to the data device in runs. A discard is a
-/// hint: a failure is logged, not returned.
-async fn pass_down<D: DataDevice>(s: &Shared, dev: &D, blocks: &[u64]) {
+/// The virtual blocks `[first, end)` that `parts` cover whole (they are contiguous: only
+/// the first and last part of a request can be partial), if any.
+fn whole_blocks(parts: &[Part], block_size: u64) -> Option<(u64, u64)> {
+    let mut whole = parts.iter().filter(|p| p.covers_block(block_size));
+    let first = whole.next()?;
+    let last = whole.next_back().unwrap_or(first);
+    Some((first.vblock, last.vblock + 1))
+}
+
+/// The runs of consecutive numbers in ascending `blocks`, as (first, count).
+pub(crate) fn runs(blocks: &[u64]) -> impl Iterator<Item = (u64, u64)> + '_ {
     let mut i = 0;
-    while i < blocks.len() {
+    std::iter::from_fn(move || {
+        let first = *blocks.get(i)?;
         let mut j = i + 1;
         while j < blocks.len() && blocks[j] == blocks[j - 1] + 1 {
             j += 1;
         }
         let n = (j - i) as u64;
+        i = j;
+        Some((first, n))
+    })
+}
+
+/// Passes discards of `blocks` (ascending) down to the data device in runs. A discard is a
+/// hint: a failure is logged, not returned.
+async fn pass_down<D: DataDevice>(s: &Shared, dev: &D, blocks: &[u64]) {
+    for (first, n) in runs(blocks) {
         match dev
-            .discard_blocks(block_io::data::DataBlock(blocks[i]), n)
+            .discard_blocks(block_io::data::DataBlock(first), n)
             .await
         {
             Ok(_) => {
@@ -596,7 +616,6 @@ async fn pass_down<D: DataDevice>(s: &Shared, dev: &D, blocks: &[u64]) {
             }
             Err(e) => tracing::warn!("discard passdown of {n} blocks failed: {e}"),
         }
-        i = j;
     }
 }
 
@@ -651,7 +670,7 @@ impl Shared {
     }
 
     /// `thin_changed` for a handle that already has the thin's shared state.
-    fn thin_changed_fast(&self, ts: &ThinShared) {
+    pub(crate) fn thin_changed_fast(&self, ts: &ThinShared) {
         let seq = self.change_seq.fetch_add(1, Ordering::SeqCst) + 1;
         ts.last_change.fetch_max(seq, Ordering::SeqCst);
     }
@@ -773,7 +792,14 @@ impl Shared {
 
 #[cfg(test)]
 mod tests {
-    use super::is_zero;
+    use super::{is_zero, runs};
+
+    #[test]
+    fn runs_of_consecutive_blocks() {
+        let got: Vec<_> = runs(&[1, 2, 3, 5, 7, 8]).collect();
+        assert_eq!(got, vec![(1, 3), (5, 1), (7, 2)]);
+        assert_eq!(runs(&[]).count(), 0);
+    }
 
     #[test]
     fn zero_detection() {
