@@ -6,8 +6,9 @@
 //! the tools cannot pass silently.
 
 use block_io::MetaDevice;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use thin_metadata::check::{check, CheckOptions, Problem};
 
 /// Set to 1 to turn a missing tool into a test failure.
@@ -139,4 +140,105 @@ pub fn our_check_except(dev: &dyn MetaDevice, tolerate: fn(&Problem) -> bool) ->
         lines.push(format!("(and {} more)", report.nr_problems_omitted));
     }
     lines
+}
+
+/// thin_check runs on crash images, several at once: each run spends most of its ~40 ms
+/// waiting for the kernel to tear down its AIO context, so overlapping them keeps checking
+/// every image cheap. Runs complete oldest first.
+#[derive(Debug)]
+pub struct ThinCheckQueue<'a> {
+    tools: &'a Tools,
+    max_in_flight: usize,
+    in_flight: VecDeque<PendingCheck>,
+}
+
+#[derive(Debug)]
+struct PendingCheck {
+    point: u64,
+    child: Child,
+    file: PathBuf,
+    what: String,
+}
+
+/// A finished thin_check of one crash point.
+#[derive(Debug)]
+pub struct CheckOutcome {
+    pub point: u64,
+    /// The caller's description of the point, as given to `start`.
+    pub what: String,
+    /// Why thin_check rejected the image (its status and output); `None` when clean.
+    pub rejected: Option<String>,
+}
+
+impl<'a> ThinCheckQueue<'a> {
+    pub fn new(tools: &'a Tools, max_in_flight: usize) -> Self {
+        ThinCheckQueue {
+            tools,
+            max_in_flight: max_in_flight.max(1),
+            in_flight: VecDeque::new(),
+        }
+    }
+
+    /// Writes `image` to `file` and starts thin_check on it. Returns the runs it had to wait
+    /// for to stay within the bound.
+    pub fn start(
+        &mut self,
+        point: u64,
+        image: &dyn MetaDevice,
+        file: PathBuf,
+        what: &str,
+    ) -> Vec<CheckOutcome> {
+        let mut done = Vec::new();
+        while self.in_flight.len() >= self.max_in_flight {
+            done.extend(self.complete_oldest());
+        }
+        write_image(image, &file);
+        let child = Command::new(&self.tools.thin_check)
+            .arg(&file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting thin_check: {e}"));
+        self.in_flight.push_back(PendingCheck {
+            point,
+            child,
+            file,
+            what: what.to_string(),
+        });
+        done
+    }
+
+    /// Waits for every run still going.
+    pub fn finish(&mut self) -> Vec<CheckOutcome> {
+        let mut done = Vec::new();
+        while let Some(outcome) = self.complete_oldest() {
+            done.push(outcome);
+        }
+        done
+    }
+
+    /// Waits for the oldest run; a clean image's file is removed, a rejected one kept.
+    fn complete_oldest(&mut self) -> Option<CheckOutcome> {
+        let p = self.in_flight.pop_front()?;
+        let out = p
+            .child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("waiting for thin_check: {e}"));
+        let rejected = if out.status.success() {
+            let _ = std::fs::remove_file(&p.file);
+            None
+        } else {
+            Some(format!(
+                "thin_check failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        };
+        Some(CheckOutcome {
+            point: p.point,
+            what: p.what,
+            rejected,
+        })
+    }
 }

@@ -22,15 +22,13 @@
 use block_io::{CrashConfig, Fault, FaultyMetaDevice, MemMetaDevice, MetaBlock, MetaDevice};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet};
 use std::io;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 use thin_metadata::{Error, ThinId, ThinMetadata};
 use ublk_thin_tests::model::{compare_state, Config, Model, State, Workload};
-use ublk_thin_tests::oracle::{our_check, write_image, Tools};
+use ublk_thin_tests::oracle::{our_check, CheckOutcome, ThinCheckQueue, Tools};
 use ublk_thin_tests::scratch::ScratchDir;
 use ublk_thin_tests::seeds::{env_u64, for_each_seed};
 
@@ -205,22 +203,13 @@ struct Totals {
 /// kernel to tear down its AIO context, so overlapping them keeps checking every image cheap.
 const MAX_CHECKS_IN_FLIGHT: usize = 16;
 
-/// A thin_check of one crash image, still running.
-struct PendingCheck {
-    point: u64,
-    child: Child,
-    file: PathBuf,
-    what: String,
-}
-
 /// Judges crash images: opens them, compares with the allowed states, runs our check and
 /// (concurrently) thin_check on each, and keeps the counts.
 struct Judge<'a> {
-    tools: Option<&'a Tools>,
+    checks: Option<ThinCheckQueue<'a>>,
     dir: &'a ScratchDir,
     totals: &'a mut Totals,
     seed: u64,
-    in_flight: VecDeque<PendingCheck>,
     /// Points already counted as inconsistent or lost_committed.
     failed_points: HashSet<u64>,
 }
@@ -266,9 +255,7 @@ impl Judge<'_> {
         self.totals.points += 1;
         let what = format!("point={} ({what}, allowed {allowed:?})", self.totals.points);
         let point = self.totals.points;
-        if self.tools.is_some() {
-            self.start_thin_check(point, image, &what);
-        }
+        self.start_thin_check(point, image, &what);
         match examine(image, prev, new, allowed) {
             Ok(shown) => {
                 if shown.same_as(prev) && !shown.same_as(new) {
@@ -286,54 +273,28 @@ impl Judge<'_> {
     }
 
     fn start_thin_check(&mut self, point: u64, image: &MemMetaDevice, what: &str) {
-        let Some(tools) = self.tools else {
+        let Some(checks) = &mut self.checks else {
             return;
         };
-        while self.in_flight.len() >= MAX_CHECKS_IN_FLIGHT {
-            self.complete_oldest();
-        }
         let file = self.dir.join(&format!("crash-{point}.bin"));
-        write_image(image, &file);
-        let child = Command::new(&tools.thin_check)
-            .arg(&file)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting thin_check: {e}"));
-        self.in_flight.push_back(PendingCheck {
-            point,
-            child,
-            file,
-            what: what.to_string(),
-        });
-    }
-
-    fn complete_oldest(&mut self) {
-        let Some(p) = self.in_flight.pop_front() else {
-            return;
-        };
-        let out = p
-            .child
-            .wait_with_output()
-            .unwrap_or_else(|e| panic!("waiting for thin_check: {e}"));
-        self.totals.thin_check_runs += 1;
-        if !out.status.success() {
-            let reason = format!(
-                "thin_check failed ({}): {}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            self.record_failure(p.point, false, &p.what, &reason);
-        } else {
-            let _ = std::fs::remove_file(&p.file);
-        }
+        let done = checks.start(point, image, file, what);
+        self.count_checks(done);
     }
 
     /// Waits for every thin_check still running.
     fn finish(&mut self) {
-        while !self.in_flight.is_empty() {
-            self.complete_oldest();
+        if let Some(checks) = &mut self.checks {
+            let done = checks.finish();
+            self.count_checks(done);
+        }
+    }
+
+    fn count_checks(&mut self, done: Vec<CheckOutcome>) {
+        for c in done {
+            self.totals.thin_check_runs += 1;
+            if let Some(reason) = c.rejected {
+                self.record_failure(c.point, false, &c.what, &reason);
+            }
         }
     }
 }
@@ -515,11 +476,10 @@ fn run_seed(seed: u64, nr_points: u64, tools: Option<&Tools>, totals: &mut Total
         est_writes: 30,
         crash_seed: seed << 32,
         judge: Judge {
-            tools,
+            checks: tools.map(|t| ThinCheckQueue::new(t, MAX_CHECKS_IN_FLIGHT)),
             dir: &dir,
             totals,
             seed,
-            in_flight: VecDeque::new(),
             failed_points: HashSet::new(),
         },
     };

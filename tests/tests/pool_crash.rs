@@ -42,16 +42,14 @@ use block_io::data::{rt, DataGeometry, DataOp, FaultyDataDevice, IoBuf, MemDataD
 use block_io::{CrashConfig, FaultyMetaDevice, MemMetaDevice, MetaBlock, MetaDevice};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use thin_metadata::{Lookup, ThinId, ThinMetadata, VBlock};
 use thin_pool::{NoSpacePolicy, Pool, PoolConfig, Thin};
-use ublk_thin_tests::oracle::{our_check, write_image, Tools};
+use ublk_thin_tests::oracle::{our_check, CheckOutcome, ThinCheckQueue, Tools};
 use ublk_thin_tests::scratch::ScratchDir;
 use ublk_thin_tests::seeds::{env_u64, for_each_seed};
 
@@ -406,14 +404,6 @@ enum Kind {
     NonzeroUnprovisioned,
 }
 
-/// A thin_check still running.
-struct PendingCheck {
-    point: u64,
-    child: Child,
-    file: PathBuf,
-    what: String,
-}
-
 /// What a clean crash point showed, for carrying on from it.
 struct Shown {
     meta: Arc<FaultyMetaDevice>,
@@ -423,11 +413,10 @@ struct Shown {
 }
 
 struct Judge<'a> {
-    tools: Option<&'a Tools>,
+    checks: Option<ThinCheckQueue<'a>>,
     check_every: u64,
     dir: ScratchDir,
     seed: u64,
-    in_flight: VecDeque<PendingCheck>,
     /// (point, kind) already counted.
     counted: HashSet<(u64, Kind)>,
 }
@@ -453,54 +442,30 @@ impl Judge<'_> {
     }
 
     fn start_thin_check(&mut self, t: &mut Totals, point: u64, image: &MemMetaDevice, what: &str) {
-        let Some(tools) = self.tools else { return };
         if !point.is_multiple_of(self.check_every) {
             return;
         }
-        while self.in_flight.len() >= MAX_CHECKS_IN_FLIGHT {
-            self.complete_oldest(t);
-        }
-        let file = self.dir.join(&format!("point-{point}.bin"));
-        write_image(image, &file);
-        let child = Command::new(&tools.thin_check)
-            .arg(&file)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting thin_check: {e}"));
-        self.in_flight.push_back(PendingCheck {
-            point,
-            child,
-            file,
-            what: what.into(),
-        });
-    }
-
-    fn complete_oldest(&mut self, t: &mut Totals) {
-        let Some(p) = self.in_flight.pop_front() else {
+        let Some(checks) = &mut self.checks else {
             return;
         };
-        let out = p
-            .child
-            .wait_with_output()
-            .unwrap_or_else(|e| panic!("waiting for thin_check: {e}"));
-        t.thin_check_runs += 1;
-        if out.status.success() {
-            let _ = std::fs::remove_file(&p.file);
-        } else {
-            let why = format!(
-                "thin_check failed ({}): {}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            self.fail(t, p.point, Kind::Inconsistent, &p.what, &why);
-        }
+        let file = self.dir.join(&format!("point-{point}.bin"));
+        let done = checks.start(point, image, file, what);
+        self.count_checks(t, done);
     }
 
     fn finish(&mut self, t: &mut Totals) {
-        while !self.in_flight.is_empty() {
-            self.complete_oldest(t);
+        if let Some(checks) = &mut self.checks {
+            let done = checks.finish();
+            self.count_checks(t, done);
+        }
+    }
+
+    fn count_checks(&mut self, t: &mut Totals, done: Vec<CheckOutcome>) {
+        for c in done {
+            t.thin_check_runs += 1;
+            if let Some(why) = c.rejected {
+                self.fail(t, c.point, Kind::Inconsistent, &c.what, &why);
+            }
         }
     }
 
@@ -1110,11 +1075,10 @@ fn run_seed(seed: u64, nr_points: u64, tools: Option<&Tools>, check_every: u64, 
         next_id: 1,
         next_serial: 0,
         judge: Judge {
-            tools,
+            checks: tools.map(|t| ThinCheckQueue::new(t, MAX_CHECKS_IN_FLIGHT)),
             check_every,
             dir: ScratchDir::new("pool-crash"),
             seed,
-            in_flight: VecDeque::new(),
             counted: HashSet::new(),
         },
     };
