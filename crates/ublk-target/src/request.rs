@@ -1,0 +1,222 @@
+//! One ublk request: decoded from its descriptor, run through the thin, and turned into the
+//! completion value the driver wants (bytes done, or a negative errno).
+//!
+//! `completion` is the one place an error becomes an errno. Nothing here panics on what the
+//! driver sends: an unknown op, an oversized length or an unaligned offset each get an errno,
+//! because a request the daemon never completes hangs its submitter in D state.
+
+use block_io::data::{DataDevice, IoBuf};
+use libublk::sys;
+use thin_pool::{PoolError, Thin};
+
+/// What a request asks for, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Request {
+    pub op: Op,
+    pub offset: u64,
+    pub len: u64,
+    /// `UBLK_IO_F_FUA` on a write.
+    pub fua: bool,
+    /// `UBLK_IO_F_NOUNMAP` on write-zeroes: zero without deallocating.
+    pub no_unmap: bool,
+}
+
+/// The operations a thin serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+    /// Anything else (zone ops, WRITE_SAME, future ops): `-EOPNOTSUPP`.
+    Unsupported(u32),
+}
+
+/// Why a request failed before or after reaching the pool.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    Pool(PoolError),
+    /// A request the device's parameters should have ruled out.
+    Invalid,
+    Unsupported,
+}
+
+impl From<PoolError> for Failure {
+    fn from(e: PoolError) -> Self {
+        Failure::Pool(e)
+    }
+}
+
+/// The completion value of a request: `Ok(bytes)` as is, an error as a negative errno.
+pub(crate) fn completion(res: Result<u64, Failure>) -> i32 {
+    match res {
+        // A read or write of at most `max_io_buf_bytes` (<= 32 MiB); others report 0.
+        Ok(bytes) => i32::try_from(bytes).unwrap_or(-libc::EIO),
+        Err(Failure::Pool(e)) => -e.errno(),
+        Err(Failure::Invalid) => -libc::EINVAL,
+        Err(Failure::Unsupported) => -libc::EOPNOTSUPP,
+    }
+}
+
+impl Request {
+    /// Decodes a descriptor (sectors are always 512 bytes in ublk).
+    pub(crate) fn decode(iod: &sys::ublksrv_io_desc) -> Request {
+        let code = iod.op_flags & 0xff;
+        let op = match code {
+            sys::UBLK_IO_OP_READ => Op::Read,
+            sys::UBLK_IO_OP_WRITE => Op::Write,
+            sys::UBLK_IO_OP_FLUSH => Op::Flush,
+            sys::UBLK_IO_OP_DISCARD => Op::Discard,
+            sys::UBLK_IO_OP_WRITE_ZEROES => Op::WriteZeroes,
+            other => Op::Unsupported(other),
+        };
+        Request {
+            op,
+            offset: iod.start_sector << 9,
+            len: u64::from(iod.nr_sectors) << 9,
+            fua: iod.op_flags & sys::UBLK_IO_F_FUA != 0,
+            no_unmap: iod.op_flags & sys::UBLK_IO_F_NOUNMAP != 0,
+        }
+    }
+}
+
+/// Runs `req` on `thin`. `buf` is the tag's buffer: the driver copied a write's data into it,
+/// and copies a read's data out of it after completion. It comes back with its length set to
+/// its capacity, whatever happened.
+pub(crate) async fn handle<D: DataDevice>(
+    thin: &Thin,
+    dev: &D,
+    req: Request,
+    mut buf: IoBuf,
+) -> (i32, IoBuf) {
+    let res = match req.op {
+        Op::Read | Op::Write if req.len > buf.capacity() as u64 => Err(Failure::Invalid),
+        Op::Read => {
+            buf.set_len(req.len as usize);
+            let (r, b) = thin.read(dev, req.offset, buf).await;
+            buf = b;
+            r.map(|()| req.len).map_err(Failure::from)
+        }
+        Op::Write => {
+            buf.set_len(req.len as usize);
+            let (r, b) = thin.write(dev, req.offset, buf, req.fua).await;
+            buf = b;
+            r.map(|()| req.len).map_err(Failure::from)
+        }
+        Op::Flush => thin.flush(dev).await.map(|()| 0).map_err(Failure::from),
+        Op::Discard => thin
+            .discard(dev, req.offset, req.len)
+            .await
+            .map(|()| 0)
+            .map_err(Failure::from),
+        Op::WriteZeroes if req.no_unmap => {
+            let (r, b) = write_zeros_keeping_blocks(thin, dev, req.offset, req.len, buf).await;
+            buf = b;
+            r.map(|()| 0)
+        }
+        Op::WriteZeroes => thin
+            .write_zeroes(dev, req.offset, req.len)
+            .await
+            .map(|()| 0)
+            .map_err(Failure::from),
+        Op::Unsupported(_) => Err(Failure::Unsupported),
+    };
+    let cap = buf.capacity();
+    buf.set_len(cap);
+    (completion(res), buf)
+}
+
+/// Write-zeroes with NOUNMAP: zeros are written through the thin in buffer-sized pieces, so
+/// provisioned blocks stay provisioned (a write of zeros to an unprovisioned block allocates
+/// nothing, and it already reads zeros).
+async fn write_zeros_keeping_blocks<D: DataDevice>(
+    thin: &Thin,
+    dev: &D,
+    offset: u64,
+    len: u64,
+    mut buf: IoBuf,
+) -> (Result<(), Failure>, IoBuf) {
+    let cap = buf.capacity() as u64;
+    let cap = cap - cap % thin.block_size_bytes().min(cap);
+    let (mut pos, end) = (offset, offset + len);
+    while pos < end {
+        let n = (end - pos).min(cap);
+        buf.set_len(n as usize);
+        buf.fill(0);
+        let (r, b) = thin.write(dev, pos, buf, false).await;
+        buf = b;
+        if let Err(e) = r {
+            return (Err(e.into()), buf);
+        }
+        pos += n;
+    }
+    (Ok(()), buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iod(op: u32, flags: u32, sector: u64, sectors: u32) -> sys::ublksrv_io_desc {
+        sys::ublksrv_io_desc {
+            op_flags: op | flags,
+            nr_sectors: sectors,
+            start_sector: sector,
+            addr: 0,
+        }
+    }
+
+    #[test]
+    fn decodes_ops_flags_and_byte_ranges() {
+        let r = Request::decode(&iod(sys::UBLK_IO_OP_WRITE, sys::UBLK_IO_F_FUA, 8, 16));
+        assert_eq!(
+            r,
+            Request {
+                op: Op::Write,
+                offset: 4096,
+                len: 8192,
+                fua: true,
+                no_unmap: false
+            }
+        );
+        let r = Request::decode(&iod(
+            sys::UBLK_IO_OP_WRITE_ZEROES,
+            sys::UBLK_IO_F_NOUNMAP,
+            0,
+            1,
+        ));
+        assert_eq!((r.op, r.no_unmap, r.fua), (Op::WriteZeroes, true, false));
+        assert_eq!(
+            Request::decode(&iod(sys::UBLK_IO_OP_READ, 0, 0, 0)).op,
+            Op::Read
+        );
+        assert_eq!(
+            Request::decode(&iod(sys::UBLK_IO_OP_FLUSH, 0, 0, 0)).op,
+            Op::Flush
+        );
+        assert_eq!(
+            Request::decode(&iod(sys::UBLK_IO_OP_DISCARD, 0, 0, 0)).op,
+            Op::Discard
+        );
+        assert_eq!(Request::decode(&iod(4, 0, 0, 0)).op, Op::Unsupported(4));
+    }
+
+    #[test]
+    fn every_failure_is_a_negative_errno() {
+        assert_eq!(completion(Ok(4096)), 4096);
+        assert_eq!(completion(Ok(0)), 0);
+        assert_eq!(
+            completion(Err(PoolError::NoDataSpace.into())),
+            -libc::ENOSPC
+        );
+        assert_eq!(
+            completion(Err(PoolError::ReadOnly("x".into()).into())),
+            -libc::EIO
+        );
+        assert_eq!(completion(Err(Failure::Invalid)), -libc::EINVAL);
+        assert_eq!(completion(Err(Failure::Unsupported)), -libc::EOPNOTSUPP);
+        // Too large to report as bytes: an error, never a wrapped positive value.
+        assert_eq!(completion(Ok(1 << 40)), -libc::EIO);
+    }
+}
