@@ -331,6 +331,27 @@ impl SpaceMap {
         Some(found)
     }
 
+    /// Claims the run of allocatable blocks (free, not freed by the open transaction, not
+    /// claimed) that starts at the first such block at or after `from`, up to `max` long.
+    /// Returns `(first, len)`, or `None` when no allocatable block lies at or after `from`.
+    pub fn claim_run(&mut self, from: u64, max: u64) -> Option<(u64, u64)> {
+        let first = self.find_free(from.min(self.nr_blocks), self.nr_blocks)?;
+        let mut len = 0;
+        while len < max {
+            let b = first + len;
+            if b >= self.nr_blocks || self.get(b) != 0 || self.is_blocked(b) || self.is_claimed(b)
+            {
+                break;
+            }
+            if let Some(w) = self.claimed.get_mut((b / 64) as usize) {
+                *w |= 1 << (b % 64);
+            }
+            self.nr_claimed += 1;
+            len += 1;
+        }
+        Some((first, len))
+    }
+
     /// The first allocatable block in `[begin, end)`.
     fn find_free(&self, begin: u64, end: u64) -> Option<u64> {
         let mut b = begin;
@@ -472,6 +493,22 @@ mod tests {
         sm.inc(c).expect("map c");
         assert!(sm.unclaim(c));
         assert_eq!(sm.alloc(), Some(a));
+    }
+
+    #[test]
+    fn claim_run_takes_only_allocatable_blocks() {
+        let mut sm = SpaceMap::new(Space::Data, 10);
+        let a = sm.alloc().expect("0");
+        let b = sm.alloc().expect("1");
+        assert_eq!((a, b), (0, 1));
+        sm.claim().expect("2");
+        // 3..10 are free: a run from 0 skips the used and claimed blocks.
+        assert_eq!(sm.claim_run(0, 4), Some((3, 4)));
+        assert_eq!(sm.claim_run(0, 100), Some((7, 3)));
+        assert_eq!(sm.claim_run(0, 100), None);
+        assert_eq!(sm.nr_unclaimed_free(), 0);
+        assert!(sm.unclaim(5));
+        assert_eq!(sm.claim_run(4, 100), Some((5, 1)));
     }
 
     #[test]

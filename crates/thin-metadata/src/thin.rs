@@ -219,6 +219,19 @@ impl ThinMetadata {
             .ok_or(Error::NoSpace(Space::Data))
     }
 
+    /// Claims a run of up to `max` allocatable data blocks starting at the first one at or
+    /// after `from` (for trimming free space: nobody else is handed them until each is
+    /// released with `release_data_block`). `None` when no allocatable block is left there.
+    pub fn claim_free_run(&self, from: u64, max: u64) -> Result<Option<(DataBlock, u64)>> {
+        let mut inner = self.inner.write();
+        inner.check_writable()?;
+        Ok(inner
+            .store
+            .data_sm
+            .claim_run(from, max)
+            .map(|(first, len)| (DataBlock(first), len)))
+    }
+
     /// Drops a reference to a data block obtained from `alloc_data_block`, or a claim from
     /// `claim_data_block`.
     pub fn release_data_block(&self, block: DataBlock) -> Result<()> {

@@ -401,6 +401,37 @@ impl Pool {
         Ok(())
     }
 
+    /// Discards every free data block on `dev` (the pool's data device), as fstrim does for
+    /// a filesystem; returns how many blocks were discarded. It commits first, so blocks freed
+    /// by the open transaction are trimmed too. Each run of free blocks is claimed while it is
+    /// discarded, so no request is handed one of them meanwhile, and released after.
+    pub async fn trim_free<D: DataDevice>(&self, dev: &D) -> Result<u64> {
+        const RUN_BLOCKS: u64 = 1024;
+        self.shared.check_writable()?;
+        self.commit().await?;
+        let s = &*self.shared;
+        let (mut from, mut total) = (0u64, 0u64);
+        while let Some((first, len)) = s
+            .meta
+            .claim_free_run(from, RUN_BLOCKS)
+            .map_err(|e| s.control_error(e))?
+        {
+            let r = dev
+                .discard_blocks(block_io::data::DataBlock(first.0), len)
+                .await;
+            for b in first.0..first.0 + len {
+                s.meta
+                    .release_data_block(thin_metadata::DataBlock(b))
+                    .map_err(|e| s.control_error(e))?;
+            }
+            s.space_changed();
+            r.map_err(PoolError::DataIo)?;
+            total += len;
+            from = first.0 + len;
+        }
+        Ok(total)
+    }
+
     /// Commits now (waiting for it): everything acknowledged so far is durable after this.
     pub async fn commit(&self) -> Result<()> {
         self.shared.commit_and_wait().await
