@@ -279,19 +279,6 @@ pub fn create_pool(dirs: &Dirs, spec: &CreateSpec) -> Result<Sidecar> {
     let meta_bytes = spec
         .metadata_size
         .unwrap_or_else(|| default_metadata_bytes(nr_blocks));
-    let meta: Arc<dyn MetaDevice> = if spec.metadata.exists() {
-        refuse_clobber(&spec.metadata, spec.force)?;
-        let have = device_size(&spec.metadata)?;
-        if have < meta_bytes && !is_block_device(&spec.metadata) {
-            grow_file(&spec.metadata, meta_bytes)?;
-        }
-        Arc::new(FileMetaDevice::open(&spec.metadata)?)
-    } else {
-        Arc::new(
-            FileMetaDevice::create(&spec.metadata, meta_bytes / META_BLOCK_BYTES)
-                .with_context(|| format!("creating metadata file {}", spec.metadata.display()))?,
-        )
-    };
     let mut sidecar = Sidecar::new(
         &spec.name,
         absolute(&spec.metadata)?,
@@ -299,7 +286,26 @@ pub fn create_pool(dirs: &Dirs, spec: &CreateSpec) -> Result<Sidecar> {
         spec.block_size,
     );
     sidecar.options = spec.options.clone();
+    if !spec.metadata.exists() {
+        // The lock needs the file; it is created empty and sized below.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&spec.metadata)
+            .with_context(|| format!("creating metadata file {}", spec.metadata.display()))?;
+    }
     let lock = lock_pool(dirs, &sidecar)?;
+    let meta: Arc<dyn MetaDevice> = if device_size(&spec.metadata)? > 0 {
+        refuse_clobber(&spec.metadata, spec.force)?;
+        let have = device_size(&spec.metadata)?;
+        if have < meta_bytes && !is_block_device(&spec.metadata) {
+            grow_file(&spec.metadata, meta_bytes)?;
+        }
+        Arc::new(FileMetaDevice::open(&spec.metadata)?)
+    } else {
+        grow_file(&spec.metadata, meta_bytes)?;
+        Arc::new(FileMetaDevice::open(&spec.metadata)?)
+    };
     let pool = Pool::format(
         meta,
         nr_blocks,
