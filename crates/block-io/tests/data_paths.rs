@@ -261,3 +261,34 @@ fn block_device_engines_use_blkzeroout_and_blkdiscard() {
     // open (and busy) behind the application's back.
     assert_eq!(StandaloneRing::stats().nr_fixed_files, 0);
 }
+
+#[test]
+fn a_grown_file_is_seen_by_every_engine_after_refresh() {
+    let file = scratch("grow");
+    let data = Arc::new(create_file(&file.0));
+    let dev = UringDataDevice::with_ring(data.clone(), Limits::default(), StandaloneRing::default())
+        .expect("engine");
+    let past = DataBlock(NR_BLOCKS);
+    let (r, _) = block_on(dev.write(past, 0, IoBuf::filled(4096, 7)));
+    assert!(r.is_err(), "a block past the end is refused");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file.0)
+        .and_then(|f| f.set_len((NR_BLOCKS + 3) * BLOCK_SIZE))
+        .expect("grow the file");
+    assert_eq!(dev.geometry().nr_blocks, NR_BLOCKS, "nothing changes before refresh");
+    assert_eq!(data.refresh_size().expect("refresh"), NR_BLOCKS + 3);
+    assert_eq!(dev.geometry().nr_blocks, NR_BLOCKS + 3);
+    let (r, _) = block_on(dev.write(past, 0, IoBuf::filled(4096, 7)));
+    r.expect("the new block is writable");
+    let (r, buf) = block_on(dev.read(past, 0, IoBuf::new(4096)));
+    r.expect("read back");
+    assert!(buf.iter().all(|&b| b == 7));
+    // Shrinking the file never takes blocks away from the geometry.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file.0)
+        .and_then(|f| f.set_len(NR_BLOCKS * BLOCK_SIZE))
+        .expect("shrink the file");
+    assert_eq!(data.refresh_size().expect("refresh"), NR_BLOCKS + 3);
+}

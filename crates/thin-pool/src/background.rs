@@ -20,14 +20,22 @@ use crate::status::PoolMode;
 const IDLE_WAIT: Duration = Duration::from_millis(200);
 
 pub(crate) fn run<B: DataDevice>(shared: &Shared, make_device: &dyn DeviceFactory<B>) {
-    let dev = match make_device() {
+    let open = || match make_device() {
         Ok(d) => Some(d),
         Err(e) => {
             tracing::error!("cannot open the data device for background work: {e}");
             None
         }
     };
+    let mut dev = open();
+    let mut grown_seen = shared.data_grown.load(Ordering::SeqCst);
     loop {
+        let grown = shared.data_grown.load(Ordering::SeqCst);
+        if grown != grown_seen {
+            // The data space grew: an open of the device now sees its new size.
+            grown_seen = grown;
+            dev = open();
+        }
         {
             let mut w = shared.worker.lock();
             if !w.kicked && !w.stop {

@@ -98,6 +98,8 @@ pub(crate) struct Shared {
     pub cut_durable: AtomicU64,
     /// `space_gen + 1` when the worker last found no free block for the reserve; 0 if not.
     pub refill_stalled_at: AtomicU64,
+    /// Bumped by each `grow_data`: background threads reopen their data device.
+    pub data_grown: AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -115,11 +117,24 @@ impl std::fmt::Debug for Shared {
 /// handles, and run requests through them with each thread's own data device. Dropping the
 /// pool stops its background threads after a final commit (`close` does the same and reports
 /// errors).
-#[derive(Debug)]
 pub struct Pool {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    /// The data device's geometry now (a fresh open), for `grow_data`.
+    probe: GeometryProbe,
 }
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("shared", &self.shared)
+            .field("threads", &self.threads.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens the data device anew and reports its geometry.
+type GeometryProbe = Arc<dyn Fn() -> io::Result<DataGeometry> + Send + Sync>;
 
 /// A function making a data device for a background thread (called on that thread).
 pub trait DeviceFactory<B>: Fn() -> io::Result<B> + Send + Sync + 'static {}
@@ -205,6 +220,7 @@ impl Pool {
             lwm_fired: AtomicBool::new(false),
             meta_low_fired: AtomicBool::new(false),
             refill_stalled_at: AtomicU64::new(0),
+            data_grown: AtomicU64::new(0),
             cuts_in_progress: AtomicU64::new(0),
             cut_seq: AtomicU64::new(0),
             cut_durable: AtomicU64::new(0),
@@ -226,6 +242,10 @@ impl Pool {
             }
         }
         let make_device = Arc::new(make_device);
+        let probe: GeometryProbe = {
+            let f = make_device.clone();
+            Arc::new(move || f().map(|d| d.geometry()))
+        };
         let mut threads = Vec::new();
         {
             let (s, f) = (shared.clone(), make_device.clone());
@@ -237,7 +257,11 @@ impl Pool {
                 crate::background::run(&s, &*f)
             })?);
         }
-        Ok(Pool { shared, threads })
+        Ok(Pool {
+            shared,
+            threads,
+            probe,
+        })
     }
 
     /// Opens a handle on thin `id` for I/O. A thin with open handles cannot be deleted.
@@ -336,14 +360,16 @@ impl Pool {
             .collect()
     }
 
-    /// Grows the data space to `nr_blocks` (the data device must already hold them).
-    /// Queued writes resume.
+    /// Grows the data space to `nr_blocks` (the data device must already hold them: grow a
+    /// file or resize a block device first, and `DataFile::refresh_size` the files under the
+    /// devices that requests use). Queued writes resume. The pool's own background devices
+    /// are reopened at the new size.
     pub fn grow_data(&self, nr_blocks: u64) -> Result<()> {
         self.shared.check_writable()?;
-        if nr_blocks > self.shared.geometry.nr_blocks {
+        let have = (self.probe)().map_err(PoolError::DataIo)?.nr_blocks;
+        if nr_blocks > have {
             return Err(PoolError::Invalid(format!(
-                "cannot grow to {nr_blocks} data blocks: the data device holds {}",
-                self.shared.geometry.nr_blocks
+                "cannot grow to {nr_blocks} data blocks: the data device holds {have}"
             )));
         }
         self.shared
@@ -351,6 +377,7 @@ impl Pool {
             .grow_data(nr_blocks)
             .map_err(|e| self.shared.control_error(e))?;
         self.shared.lwm_fired.store(false, Ordering::Relaxed);
+        self.shared.data_grown.fetch_add(1, Ordering::SeqCst);
         self.shared.space_changed();
         self.shared.kick_worker();
         Ok(())

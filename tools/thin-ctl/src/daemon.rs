@@ -43,9 +43,24 @@ struct State {
     devices: BTreeMap<String, Served>,
 }
 
-impl Devices for BTreeMap<String, Served> {
+/// The daemon's devices, as the pool commands see them.
+struct DeviceView<'a> {
+    served: &'a BTreeMap<String, Served>,
+    data: &'a DataFile,
+}
+
+impl Devices for DeviceView<'_> {
     fn bdev(&self, thin: &str) -> Option<String> {
-        self.get(thin).map(|s| s.bdev.clone())
+        self.served.get(thin).map(|s| s.bdev.clone())
+    }
+
+    fn data_grown(&self) -> Result<()> {
+        let n = self
+            .data
+            .refresh_size()
+            .context("re-reading the data device's size")?;
+        tracing::info!("the data device now holds {n} blocks");
+        Ok(())
     }
 }
 
@@ -205,7 +220,13 @@ impl Daemon {
                 Ok(json!({ "thin": thin, "device": bdev }))
             }
             Request::Stop => Ok(json!({ "stopping": self.name })),
-            other => ops::execute(&mut st.op, &st.devices, other),
+            other => {
+                let devices = DeviceView {
+                    served: &st.devices,
+                    data: &self.data,
+                };
+                ops::execute(&mut st.op, &devices, other)
+            }
         }
     }
 

@@ -353,15 +353,24 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
 }
 
-/// Grows a regular file to `bytes` (sparse).
+/// Grows a regular file to `bytes`, allocating the new range (as `--preallocate allocate`
+/// does; sparse where the filesystem cannot allocate ahead).
 pub fn grow_file(path: &Path, bytes: u64) -> Result<()> {
     let f = OpenOptions::new()
         .write(true)
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
-    if f.metadata()?.len() < bytes {
-        f.set_len(bytes)
-            .with_context(|| format!("growing {}", path.display()))?;
+    let len = f.metadata()?.len();
+    if len < bytes {
+        // SAFETY: fallocate on an fd we own, within i64 range (checked by try_from).
+        let r = match (i64::try_from(len), i64::try_from(bytes - len)) {
+            (Ok(off), Ok(n)) => unsafe { libc::fallocate(f.as_raw_fd(), 0, off, n) },
+            _ => -1,
+        };
+        if r != 0 {
+            f.set_len(bytes)
+                .with_context(|| format!("growing {}", path.display()))?;
+        }
     }
     Ok(())
 }

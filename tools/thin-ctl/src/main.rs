@@ -428,16 +428,6 @@ fn pool_cmd(dirs: &Dirs, cmd: PoolCmd, verbose: u8) -> Result<()> {
             data_size,
             metadata_size,
         } => {
-            let running = client::request(dirs, &name, &Request::Ping)?.is_some();
-            if !running {
-                // Offline: extend files before the pool opens (it sizes itself at open).
-                let s = sidecar::Sidecar::load(&dirs.state, &name)?;
-                if let Some(b) = data_size {
-                    if std::fs::metadata(&s.data).is_ok_and(|m| m.is_file()) {
-                        engine::grow_file(&s.data, b)?;
-                    }
-                }
-            }
             let v = client::run(
                 dirs,
                 &name,

@@ -11,6 +11,11 @@ use serde_json::{json, Value};
 /// Which thins have a live device, by name, and its path.
 pub trait Devices {
     fn bdev(&self, thin: &str) -> Option<String>;
+
+    /// The data device grew: make the devices serving requests see its new size.
+    fn data_grown(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// No daemon: no device is served.
@@ -35,7 +40,7 @@ pub fn execute(op: &mut OpenPool, devices: &dyn Devices, req: &Request) -> Resul
         Request::Grow {
             data_size,
             metadata_size,
-        } => grow(op, *data_size, *metadata_size),
+        } => grow(op, devices, *data_size, *metadata_size),
         Request::Trim => trim(op),
         Request::SetTransactionId { current, new } => {
             op.pool
@@ -138,7 +143,12 @@ fn resize(op: &mut OpenPool, devices: &dyn Devices, name: &str, size: u64) -> Re
     Ok(json!({ "name": name, "size": size }))
 }
 
-fn grow(op: &mut OpenPool, data_size: Option<u64>, metadata_size: Option<u64>) -> Result<Value> {
+fn grow(
+    op: &mut OpenPool,
+    devices: &dyn Devices,
+    data_size: Option<u64>,
+    metadata_size: Option<u64>,
+) -> Result<Value> {
     if data_size.is_none() && metadata_size.is_none() {
         bail!("give --data-size and/or --metadata-size");
     }
@@ -150,17 +160,21 @@ fn grow(op: &mut OpenPool, data_size: Option<u64>, metadata_size: Option<u64>) -
             .context("growing the metadata space")?;
     }
     if let Some(bytes) = data_size {
-        let nr = bytes / op.sidecar.block_size;
-        let have = op.pool.geometry().nr_blocks;
+        let bs = op.sidecar.block_size;
+        let nr = bytes / bs;
+        let data = &op.sidecar.data;
+        let have = crate::engine::device_size(data)? / bs;
         if nr > have {
-            bail!(
-                "the data device holds {} ({} blocks) as the pool opened it; to grow beyond it, \
-                 stop the pool (`thin-ctl pool stop`), then grow (thin-ctl extends a data file \
-                 itself; resize a block device first)",
-                crate::size::format(have * op.sidecar.block_size),
-                have
-            );
+            if !std::fs::metadata(data).is_ok_and(|m| m.is_file()) {
+                bail!(
+                    "{} holds {} ({have} blocks): resize the block device first",
+                    data.display(),
+                    crate::size::format(have * bs)
+                );
+            }
+            crate::engine::grow_file(data, nr * bs)?;
         }
+        devices.data_grown()?;
         op.pool.grow_data(nr).context("growing the data space")?;
     }
     rt::block_on(op.pool.commit()).context("committing")?;

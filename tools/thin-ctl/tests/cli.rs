@@ -195,3 +195,36 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let e = env.fails(&["list", "p"], 1);
     assert!(e.contains("opening pool"), "{e}");
 }
+
+#[test]
+fn grow_extends_the_data_file_with_and_without_the_daemon() {
+    let env = Env::new("grow");
+    env.create_pool();
+    let len = || std::fs::metadata(env.path("data")).unwrap().len();
+    assert_eq!(len(), 64 << 20);
+    env.ok(&["pool", "grow", "p", "--data-size", "96M"]);
+    assert_eq!(status(&env)["data_blocks_total"], 1536);
+    assert_eq!(len(), 96 << 20);
+    env.ok(&["pool", "start", "p"]);
+    env.ok(&[
+        "pool",
+        "grow",
+        "p",
+        "--data-size",
+        "128M",
+        "--metadata-size",
+        "8M",
+    ]);
+    let st = status(&env);
+    assert_eq!(st["data_blocks_total"], 2048);
+    assert_eq!(st["metadata_blocks_total"], 2048);
+    assert_eq!(len(), 128 << 20);
+    env.ok(&["pool", "stop", "p"]);
+    assert_eq!(
+        status(&env)["data_blocks_total"],
+        2048,
+        "the growth was committed"
+    );
+    let check = env.ok(&["check", s(&env.path("meta"))]);
+    assert!(check.starts_with("clean"), "{check}");
+}

@@ -69,7 +69,9 @@ pub struct DataFile {
     id: u64,
     kind: FileKind,
     direct: bool,
+    /// Block size and alignment; the block count is `nr_blocks`, which `refresh_size` raises.
     geometry: DataGeometry,
+    nr_blocks: AtomicU64,
     zero_range_unsupported: AtomicBool,
     punch_hole_unsupported: AtomicBool,
 }
@@ -184,6 +186,7 @@ impl DataFile {
             kind,
             direct,
             geometry,
+            nr_blocks: AtomicU64::new(nr_blocks),
             zero_range_unsupported: AtomicBool::new(false),
             punch_hole_unsupported: AtomicBool::new(false),
         })
@@ -191,7 +194,23 @@ impl DataFile {
 
     /// Block size, block count and alignment.
     pub fn geometry(&self) -> DataGeometry {
-        self.geometry
+        DataGeometry {
+            nr_blocks: self.nr_blocks.load(Ordering::Acquire),
+            ..self.geometry
+        }
+    }
+
+    /// Re-reads the device's size after it grew (a file extended, a block device resized),
+    /// so that every engine over this file may use the new blocks. The count never shrinks:
+    /// blocks a pool maps must stay addressable. Returns the block count.
+    pub fn refresh_size(&self) -> io::Result<u64> {
+        let len = match self.kind {
+            FileKind::BlockDevice => crate::blkdev::block_device_size_bytes(&self.file),
+            FileKind::Regular => self.file.metadata().map(|m| m.len()),
+        }
+        .map_err(|e| annotate(e, "sizing data device", &self.path))?;
+        let nr = len / self.geometry.block_size_bytes.max(1);
+        Ok(self.nr_blocks.fetch_max(nr, Ordering::AcqRel).max(nr))
     }
 
     /// The path it was opened with.
