@@ -73,6 +73,15 @@ struct Daemon {
 
 /// Runs the daemon of pool `name` in this process until it is stopped.
 pub fn run(dirs: &Dirs, name: &str) -> Result<()> {
+    // A panic on any thread (a queue's above all) must not leave a device whose requests
+    // nobody completes: abort the whole daemon, so the driver quiesces its devices and
+    // `thin-ctl recover` can reattach them.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        tracing::error!("panic: {info}; aborting so the devices wait for `thin-ctl recover`");
+        std::process::abort();
+    }));
     private_mounts();
     std::fs::create_dir_all(&dirs.run)
         .with_context(|| format!("creating {}", dirs.run.display()))?;
