@@ -36,6 +36,7 @@ impl Inner {
         let sb = Superblock {
             flags: 0,
             uuid: [0; 16],
+            version: crate::format::SUPERBLOCK_VERSION,
             time: 0,
             trans_id: 0,
             held_root: 0,

@@ -52,6 +52,9 @@ const _: () = assert!(
 pub struct Superblock {
     pub flags: u32,
     pub uuid: [u8; 16],
+    /// Format version, 1 or 2. Kept as read, as the kernel does (it never rewrites it);
+    /// new metadata gets `SUPERBLOCK_VERSION`.
+    pub version: u32,
     pub time: u32,
     pub trans_id: u64,
     /// Location of the held metadata snapshot's superblock copy, 0 if none.
@@ -82,7 +85,7 @@ impl Superblock {
         put_u64(&mut b[..], BLOCKNR, location);
         b[UUID..UUID + 16].copy_from_slice(&self.uuid);
         put_u64(&mut b[..], MAGIC, SUPERBLOCK_MAGIC);
-        put_u32(&mut b[..], VERSION, SUPERBLOCK_VERSION);
+        put_u32(&mut b[..], VERSION, self.version);
         put_u32(&mut b[..], TIME, self.time);
         put_u64(&mut b[..], TRANS_ID, self.trans_id);
         put_u64(&mut b[..], HELD_ROOT, self.held_root);
@@ -127,6 +130,7 @@ impl Superblock {
         let sb = Superblock {
             flags: get_u32(block, FLAGS),
             uuid,
+            version,
             time: get_u32(block, TIME),
             trans_id: get_u64(block, TRANS_ID),
             held_root: get_u64(block, HELD_ROOT),
@@ -172,6 +176,7 @@ mod tests {
         let sb = Superblock {
             flags: NEEDS_CHECK_FLAG,
             uuid: [3; 16],
+            version: 1,
             time: 9,
             trans_id: 11,
             held_root: 0,
