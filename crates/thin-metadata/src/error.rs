@@ -74,6 +74,19 @@ pub enum Error {
     /// The device holds no dm-thin metadata, or an unsupported version of it.
     #[error("not dm-thin metadata: {0}")]
     NotFormatted(String),
+
+    /// thin_dump XML that cannot be restored: malformed, or describing metadata that cannot
+    /// exist. `line` (1-based) is where the problem was found.
+    #[error("XML line {line}: {reason}")]
+    Xml { line: u64, reason: String },
+
+    /// Reading XML input or writing XML output failed (`op` says which).
+    #[error("{op} failed: {source}")]
+    Stream {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
 }
 
 fn path_suffix(path: &[u64]) -> String {

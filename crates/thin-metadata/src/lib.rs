@@ -15,6 +15,7 @@ mod space_map;
 mod store;
 mod thin;
 mod types;
+pub mod xml;
 
 pub use error::{Error, Result, Space};
 pub use format::DeviceDetails;
