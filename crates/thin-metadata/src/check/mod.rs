@@ -51,7 +51,7 @@ mod tests;
 pub use report::{CheckReport, Problem, ProblemKind};
 
 use crate::error::Space;
-use crate::format::{ENTRIES_PER_BITMAP, SUPERBLOCK_LOCATION};
+use crate::format::SUPERBLOCK_LOCATION;
 use block_io::MetaDevice;
 use std::sync::Arc;
 use walk::Walker;
@@ -62,7 +62,10 @@ pub struct CheckOptions {
     /// Don't walk the thins' mapping trees (fast, like `thin_check --skip-mappings`):
     /// reference counts, data blocks and `mapped_blocks` are then not checked.
     pub skip_mappings: bool,
-    /// Called now and then with (work done, total work), ending with done == total.
+    /// Called now and then with (metadata blocks read, metadata blocks in use), about every
+    /// 1% of the total and at least every 256 blocks, and last with done == total. `total`
+    /// stays the same throughout and `done` never goes down. With `skip_mappings` the
+    /// mapping trees are not read, so `done` jumps to `total` at the end.
     pub progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>>,
 }
 
@@ -101,10 +104,14 @@ pub fn check(dev: &dyn MetaDevice, opts: &CheckOptions) -> CheckReport {
     for p in sb_problems {
         w.problems.push(p);
     }
-    w.progress_total = sb
-        .metadata_sm_root
-        .nr_allocated
-        .saturating_add(geometry.nr_data.div_ceil(ENTRIES_PER_BITMAP));
+    // The work is reading every block in use, each once (the few re-reads of small trees
+    // are not counted past the total). The space map's own figure may be damaged: a total
+    // past the metadata area would leave the bar at 0% to the end.
+    w.set_progress_total(
+        sb.metadata_sm_root
+            .nr_allocated
+            .clamp(1, geometry.nr_meta.max(1)),
+    );
     w.meta.inc(SUPERBLOCK_LOCATION);
 
     // Count everything that references metadata blocks before comparing any count.

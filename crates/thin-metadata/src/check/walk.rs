@@ -29,8 +29,11 @@ pub(super) const MAX_DEPTH: usize = 16;
 /// legal at the right edge of every tree).
 const UNBOUNDED: u64 = u64::MAX;
 
-/// Reads between two progress reports.
-const PROGRESS_EVERY_READS: u64 = 256;
+/// Most reads between two progress reports.
+const MAX_READS_PER_PROGRESS: u64 = 256;
+
+/// Progress reports a check makes at most, besides the last (about one a percent).
+const MAX_PROGRESS_REPORTS: u64 = 100;
 
 /// What a subtree contributes to its parent.
 #[derive(Debug, Clone, Copy, Default)]
@@ -113,7 +116,9 @@ pub(super) struct Walker<'d> {
     pub incomplete: bool,
     nr_reads: u64,
     progress: Option<Progress>,
-    pub progress_total: u64,
+    progress_total: u64,
+    /// Reads between two progress reports.
+    progress_every: u64,
 }
 
 impl<'d> Walker<'d> {
@@ -138,6 +143,7 @@ impl<'d> Walker<'d> {
             nr_reads: 0,
             progress,
             progress_total: 1,
+            progress_every: 1,
         }
     }
 
@@ -184,10 +190,17 @@ impl<'d> Walker<'d> {
             .read_block(b, &mut buf)
             .map_err(|e| format!("cannot read block {b}: {e}"))?;
         self.nr_reads += 1;
-        if self.nr_reads.is_multiple_of(PROGRESS_EVERY_READS) {
+        if self.nr_reads.is_multiple_of(self.progress_every) {
             self.report_progress(false);
         }
         Ok(buf)
+    }
+
+    /// Sets the total of progress reports (blocks to read), before the first read.
+    pub fn set_progress_total(&mut self, total: u64) {
+        self.progress_total = total.max(1);
+        self.progress_every =
+            (self.progress_total / MAX_PROGRESS_REPORTS).clamp(1, MAX_READS_PER_PROGRESS);
     }
 
     /// Calls the progress callback; `done` forces 100%.

@@ -214,3 +214,87 @@ fn edge_keys_flags_and_held_deletes_check_clean() {
     assert!(r.needs_check);
     assert_eq!((r.nr_thins, r.nr_mappings, r.held_root), (1, 4, None));
 }
+
+/// Runs the check with a recording progress callback; returns the report and the calls.
+fn check_recording_progress(dev: &MemMetaDevice, skip: bool) -> (CheckReport, Vec<(u64, u64)>) {
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let seen = calls.clone();
+    let opts = CheckOptions {
+        skip_mappings: skip,
+        progress: Some(Arc::new(move |done, total| {
+            seen.lock().unwrap().push((done, total));
+        })),
+    };
+    let report = check(dev, &opts);
+    let calls = calls.lock().unwrap().clone();
+    (report, calls)
+}
+
+#[track_caller]
+fn assert_progress_well_formed(calls: &[(u64, u64)], what: &str) {
+    let &(last_done, total) = calls.last().expect("progress was reported");
+    assert_eq!(last_done, total, "{what}: ends at the total");
+    assert!(
+        calls.iter().all(|&(_, t)| t == total),
+        "{what}: the total changed: {calls:?}"
+    );
+    assert!(
+        calls.windows(2).all(|w| w[0].0 <= w[1].0),
+        "{what}: done went down: {calls:?}"
+    );
+    assert!(calls.iter().all(|&(d, t)| d <= t), "{what}: {calls:?}");
+}
+
+/// A progress bar moves steadily: about a report a percent, the total is the metadata
+/// blocks in use, and the last report before the end is close to it (the total is a real
+/// measure of the work, not a guess that leaves the bar short or jumping).
+#[test]
+fn progress_reports_blocks_read_along_the_way() {
+    let (dev, md) = pool_with_thin(90_000);
+    md.create_snap(ThinId(2), ThinId(1)).unwrap();
+    for v in 0..3000 {
+        write(&md, 2, 4 * v);
+    }
+    md.reserve_metadata_snap().unwrap();
+    md.commit().unwrap();
+    let st = md.status();
+    let in_use = st.nr_metadata_blocks - st.nr_free_metadata_blocks;
+
+    let (report, calls) = check_recording_progress(&dev, false);
+    assert_clean(&report, "with progress");
+    assert_progress_well_formed(&calls, "full check");
+    let total = calls[0].1;
+    assert_eq!(total, in_use);
+    assert!(
+        calls.len() >= 50 && calls.len() <= 150,
+        "{} reports",
+        calls.len()
+    );
+    let before_last = calls[calls.len() - 2].0;
+    assert!(
+        before_last * 100 >= total * 95,
+        "the walk read {before_last} of {total} blocks before the end"
+    );
+
+    let (report, calls) = check_recording_progress(&dev, true);
+    assert_clean(&report, "skipping mappings, with progress");
+    assert_progress_well_formed(&calls, "skip_mappings");
+}
+
+/// A damaged space-map figure cannot make the total exceed the metadata area, and a
+/// superblock that cannot be read still ends the progress.
+#[test]
+fn progress_total_survives_damage() {
+    let (dev, _md) = pool_with_thin(2000);
+    let mut sb = superblock(&dev);
+    sb.metadata_sm_root.nr_allocated = 1 << 60;
+    dev.write_block(0, &sb.encode(0)).unwrap();
+    let (_, calls) = check_recording_progress(&dev, false);
+    assert_progress_well_formed(&calls, "damaged nr_allocated");
+    assert_eq!(calls[0].1, dev.nr_blocks());
+
+    dev.patch(0, 100, &[0xff]).unwrap();
+    let (report, calls) = check_recording_progress(&dev, false);
+    assert!(!report.is_clean());
+    assert_eq!(calls, [(1, 1)]);
+}
