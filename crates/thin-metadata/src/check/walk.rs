@@ -32,8 +32,9 @@ const UNBOUNDED: u64 = u64::MAX;
 /// Most reads between two progress reports.
 const MAX_READS_PER_PROGRESS: u64 = 256;
 
-/// Progress reports a check makes at most, besides the last (about one a percent).
-const MAX_PROGRESS_REPORTS: u64 = 100;
+/// Progress reports over a check: about one a percent (checks of more than 25600 blocks
+/// report every `MAX_READS_PER_PROGRESS` reads instead, so more often).
+const PROGRESS_REPORTS: u64 = 100;
 
 /// What a subtree contributes to its parent.
 #[derive(Debug, Clone, Copy, Default)]
@@ -200,7 +201,7 @@ impl<'d> Walker<'d> {
     pub fn set_progress_total(&mut self, total: u64) {
         self.progress_total = total.max(1);
         self.progress_every =
-            (self.progress_total / MAX_PROGRESS_REPORTS).clamp(1, MAX_READS_PER_PROGRESS);
+            (self.progress_total / PROGRESS_REPORTS).clamp(1, MAX_READS_PER_PROGRESS);
     }
 
     /// Calls the progress callback; `done` forces 100%.

@@ -62,16 +62,8 @@ pub fn dump(dev: &dyn MetaDevice, out: &mut dyn Write, opts: &DumpOptions) -> Re
         roots.push((k, get_u64(v, 0)));
         Ok(())
     })?;
-    if !details.iter().map(|d| d.0).eq(roots.iter().map(|r| r.0)) {
-        let ids = |v: Vec<u64>| format!("{v:?}");
-        return Err(Error::corrupt(
-            sb.device_details_root,
-            format!(
-                "the device details tree lists thins {} but the mapping tree lists {}",
-                ids(details.iter().map(|d| d.0).collect()),
-                ids(roots.iter().map(|r| r.0).collect())
-            ),
-        ));
+    if let Some(reason) = first_unpaired(&details, &roots) {
+        return Err(Error::corrupt(sb.device_details_root, reason));
     }
 
     let mut w = BufWriter::with_capacity(OUT_BUFFER_BYTES, out);
@@ -124,6 +116,34 @@ pub fn dump(dev: &dyn MetaDevice, out: &mut dyn Write, opts: &DumpOptions) -> Re
     }
     writeln!(w, "</superblock>").map_err(io)?;
     w.flush().map_err(io)
+}
+
+/// Says which thin is in only one of the device details tree and the mapping tree (both
+/// sorted by id), if any.
+fn first_unpaired(details: &[(u64, DeviceDetails)], roots: &[(u64, u64)]) -> Option<String> {
+    let mut d = details.iter().map(|e| e.0).peekable();
+    let mut r = roots.iter().map(|e| e.0).peekable();
+    loop {
+        let (only_in, id) = match (d.peek(), r.peek()) {
+            (None, None) => return None,
+            (Some(a), Some(b)) if a == b => {
+                d.next();
+                r.next();
+                continue;
+            }
+            (Some(&a), Some(&b)) if a < b => ("device details tree", a),
+            (Some(_), Some(&b)) | (None, Some(&b)) => ("mapping tree", b),
+            (Some(&a), None) => ("device details tree", a),
+        };
+        let other = if only_in == "mapping tree" {
+            "device details tree"
+        } else {
+            "mapping tree"
+        };
+        return Some(format!(
+            "thin {id} is in the {only_in} but not in the {other}"
+        ));
+    }
 }
 
 /// Consecutive virtual blocks mapped to consecutive data blocks with one time: thin_dump
@@ -227,16 +247,14 @@ impl Reader<'_> {
             }
             match node.kind {
                 NodeKind::Leaf => {
-                    for j in 0..node.nr_entries() {
-                        let k = node.keys.get(j).copied().unwrap_or(0);
-                        if last_key.is_some_and(|last| k <= last) {
+                    for (j, &k) in node.keys.iter().enumerate() {
+                        if let Some(last) = last_key.filter(|&last| k <= last) {
                             return Err(corrupt(
                                 b,
                                 &path,
                                 format!(
-                                    "key {k} follows key {} of an earlier leaf (keys out of \
-                                     order across nodes, or a node shared within one tree)",
-                                    last_key.unwrap_or(0)
+                                    "key {k} follows key {last} of an earlier leaf (keys out of \
+                                     order across nodes, or a node shared within one tree)"
                                 ),
                             ));
                         }
@@ -267,5 +285,38 @@ impl Reader<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpaired_thins_are_named() {
+        let d = |ids: &[u64]| -> Vec<(u64, DeviceDetails)> {
+            ids.iter().map(|&i| (i, DeviceDetails::default())).collect()
+        };
+        let r = |ids: &[u64]| -> Vec<(u64, u64)> { ids.iter().map(|&i| (i, 1)).collect() };
+        assert_eq!(first_unpaired(&d(&[1, 2, 5]), &r(&[1, 2, 5])), None);
+        assert_eq!(first_unpaired(&d(&[]), &r(&[])), None);
+        let cases: [(&[u64], &[u64], &str); 4] = [
+            (
+                &[1, 3],
+                &[1, 2, 3],
+                "thin 2 is in the mapping tree but not in the device details tree",
+            ),
+            (
+                &[1, 2, 3],
+                &[1, 3],
+                "thin 2 is in the device details tree but not in the mapping tree",
+            ),
+            (&[1], &[1, 7], "thin 7 is in the mapping tree"),
+            (&[1, 9], &[1], "thin 9 is in the device details tree"),
+        ];
+        for (details, roots, want) in cases {
+            let got = first_unpaired(&d(details), &r(roots)).expect("a thin is unpaired");
+            assert!(got.starts_with(want), "{got}");
+        }
     }
 }

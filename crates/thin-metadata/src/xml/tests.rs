@@ -215,6 +215,19 @@ fn dump_of_the_held_snapshot_and_dump_options() {
     assert!(lines[1].starts_with("  <device dev_id=\"6\" "));
     assert_eq!(lines[2], "  </device>");
 
+    let none = dump_string(
+        &*dev,
+        &DumpOptions {
+            dev_id: Some(999),
+            ..DumpOptions::default()
+        },
+    );
+    assert_eq!(
+        none.lines().count(),
+        2,
+        "only the superblock, as thin_dump: {none}"
+    );
+
     md.release_metadata_snap().unwrap();
     md.commit().unwrap();
     let mut out = Vec::new();
