@@ -17,6 +17,7 @@ losetup() { /usr/sbin/losetup "$@"; }
 blkdiscard() { /usr/sbin/blkdiscard "$@"; }
 mke2fs() { /usr/sbin/mke2fs "$@"; }
 _RESULTED=""
+_FAILED=""
 
 now() { cut -d' ' -f1 /proc/uptime; }
 log() { echo "[$(now)] $*"; }
@@ -28,14 +29,23 @@ _result() {
     log "RESULT $*"
 }
 pass() { _result pass "$*"; exit 0; }
-fail() { _result fail "$*"; exit 1; }
+fail() { _FAILED=1; _result fail "$*"; exit 1; }
 skip() { _result skip "$*"; exit 0; }
 figure() { echo "FIGURE $*" >$RES; log "FIGURE $*"; }
 ratio() { echo "RATIO $*" >$RES; log "RATIO $*"; }
 
 _on_exit() {
     rc=$?
-    [ -n "$_RESULTED" ] || _result fail "exited $rc without a result, in step: $STEP"
+    [ -n "$_RESULTED" ] || { _FAILED=1; _result fail "exited $rc without a result, in step: $STEP"; }
+    if [ -n "$_FAILED" ]; then
+        for _l in "$THIN_CTL_RUN_DIR"/*.log; do
+            [ -e "$_l" ] || continue
+            echo "--- tail of $_l"
+            tail -n 40 "$_l"
+        done
+        echo "--- dmesg tail"
+        dmesg | tail -n 30
+    fi
 }
 trap _on_exit EXIT
 
@@ -43,7 +53,7 @@ step() { STEP="$*"; log "== $*"; }
 
 # Runs a command; on a non-zero exit the scenario fails, naming the step and the command.
 must() {
-    log "+ $*"
+    [ "$1" = tctl ] || log "+ $*"
     "$@" || fail "$STEP: '$*' exited $?"
 }
 
@@ -69,24 +79,85 @@ jfield() {
     echo "$_j" | tr ',' '\n' | sed -n "s/.*\"$2\":*\"\{0,1\}\([^\"}]*\)\"\{0,1\}.*/\1/p" | head -n 1
 }
 
-# Fails unless two files or devices hold the same first N bytes: same_bytes A B N.
-same_bytes() {
-    _a=$(head -c "$3" "$1" | md5sum | cut -d' ' -f1)
-    _b=$(head -c "$3" "$2" | md5sum | cut -d' ' -f1)
-    [ "$_a" = "$_b" ] || fail "$STEP: $1 and $2 differ in their first $3 bytes"
-}
+# major:minor of a block device, for device-mapper tables: mm /dev/vda.
+mm() { cat "/sys/class/block/${1#/dev/}/dev"; }
 
-# Creates a file of N MiB of pseudo-random bytes from a seed word: pattern_file FILE SEED MIB.
-# Each MiB differs (seed, index), so misplaced blocks show up in a compare.
-pattern_file() {
-    _f=$1 _s=$2 _n=$3 _i=0
-    : >"$_f"
-    while [ $_i -lt "$_n" ]; do
-        # 1 MiB of printable hash text, unique per (seed, MiB index, 4 KiB line).
-        awk -v s="$_s" -v m="$_i" 'BEGIN { srand(s * 4096 + m);
-            for (b = 0; b < 256; b++) { l = sprintf("%s:%d:%d:", s, m, b);
-              while (length(l) < 4095) l = l sprintf("%08x", int(rand() * 4294967296));
-              printf "%s\n", substr(l, 1, 4095) } }' >>"$_f"
-        _i=$((_i + 1))
+# Size in bytes of a block device.
+dev_bytes() { echo $(($(cat "/sys/class/block/${1#/dev/}/size") * 512)); }
+
+# Waits up to SECS seconds for a command to succeed: wait_until SECS CMD...
+wait_until() {
+    _t=$1
+    shift
+    _end=$(($(cut -d. -f1 /proc/uptime) + _t))
+    until "$@"; do
+        [ "$(cut -d. -f1 /proc/uptime)" -lt $_end ] || return 1
+        sleep 0.2
     done
 }
+
+# Exposes a thin and sets DEV to its /dev/ublkbN: expose POOL THIN [thin-ctl options].
+expose() {
+    log "+ thin-ctl expose $*"
+    DEV=$(thin-ctl expose "$@") || fail "$STEP: thin-ctl expose $* exited $?"
+    [ -b "$DEV" ] || fail "$STEP: thin-ctl expose $* printed '$DEV', not a block device"
+    log "  -> $DEV ($(dev_bytes "$DEV") bytes)"
+}
+
+# fio with the log's copy of its output; fails the scenario unless it exits 0.
+FIO_DIRECT="--ioengine=io_uring --direct=1"
+fio_ok() {
+    log "+ fio $*"
+    fio "$@" --output=/tmp/fio.out
+    _rc=$?
+    grep -E 'IOPS=|err=|verify|bad magic|crc' /tmp/fio.out
+    if [ $_rc -ne 0 ]; then
+        tail -n 40 /tmp/fio.out
+        fail "$STEP: fio $1 exited $_rc"
+    fi
+}
+
+# Writes the pattern of byte BYTE (e.g. 0xa1) with each 4 KiB block's offset in it, from
+# OFF for LEN bytes, sequentially: fio_pattern TARGET BYTE OFF LEN [fio options]. On a block
+# device it writes O_DIRECT; on a file in /tmp (a reference copy) buffered. The content
+# depends only on (BYTE, offset), so a reference file written the same way compares with cmp.
+fio_pattern() {
+    _tgt=$1 _byte=$2 _off=$3 _len=$4
+    shift 4
+    if [ -b "$_tgt" ]; then _how="$FIO_DIRECT --iodepth=16"; else _how="--ioengine=psync"; fi
+    fio_ok --name="pattern$_byte" --filename="$_tgt" $_how --rw=write --bs=4k \
+        --offset="$_off" --size="$_len" --verify=pattern --verify_pattern="$_byte%o" \
+        --do_verify=0 "$@"
+}
+
+# Reference file for fio_pattern: ref_pattern FILE BYTE OFF LEN (FILE is made sparse first).
+ref_pattern() {
+    [ -e "$1" ] || truncate -s 0 "$1"
+    fio_pattern "$@"
+}
+
+# Whether LEN bytes at OFF are equal in A and B: same_range A B OFF LEN. blockcmp, not
+# busybox cmp: cmp reads a byte at a time, 3 s for 32 MiB under emulation.
+same_range() {
+    blockdev --flushbufs "$1" 2>/dev/null
+    blockdev --flushbufs "$2" 2>/dev/null
+    _bs=4096
+    [ $(($3 % 65536)) -eq 0 ] && [ $(($4 % 65536)) -eq 0 ] && _bs=65536
+    blockcmp --bs $_bs --offset "$3" --len "$4" "$1" "$2" >/tmp/same_range.runs
+}
+
+# Fails unless LEN bytes at OFF are equal in A and B: must_same A B OFF LEN WHAT.
+must_same() {
+    log "+ compare $1 and $2 at $3 for $4 bytes ($5)"
+    same_range "$1" "$2" "$3" "$4" || {
+        awk '$1 == 0 { print "  differ: blocks " $2 "+" $3 " of " bs }' bs=$_bs \
+            /tmp/same_range.runs | head -n 5
+        fail "$STEP: $5: $1 differs from $2 in $3+$4"
+    }
+}
+
+# A file of zeros (sparse): zeros FILE BYTES.
+zeros() { rm -f "$1"; truncate -s "$2" "$1"; }
+
+# Fails unless the daemon of POOL is running: daemon_pid POOL echoes its pid.
+daemon_pid() { cat "$THIN_CTL_RUN_DIR/$1.pid" 2>/dev/null; }
