@@ -185,6 +185,14 @@ fn check_space(needed: u64, reserve: u64, nr_meta: u64) -> Result<()> {
     // The reserve is at most an eighth of the device, and each 16320 blocks more take one
     // more bitmap.
     let enough = (needed + needed / ENTRIES_PER_BITMAP + 2) * 8 / 7 + 1;
+    if enough > MAX_METADATA_BLOCKS {
+        return Err(Error::InvalidArgument(format!(
+            "this restore needs up to {needed} metadata blocks, more than dm-thin's metadata \
+             format can address ({MAX_METADATA_BLOCKS} blocks, with room for the pool's \
+             commits): too many mappings, or a data device too large (its space map alone \
+             takes one block per {ENTRIES_PER_BITMAP} data blocks)"
+        )));
+    }
     Err(Error::InvalidArgument(format!(
         "the metadata device is too small for this restore: it holds {nr_meta} blocks, the \
          restored metadata needs up to {needed} and the pool keeps {reserve} free for its \
