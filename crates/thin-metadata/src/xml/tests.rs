@@ -449,3 +449,48 @@ fn dump_write_errors_are_stream_errors() {
         "{err}"
     );
 }
+
+/// Damage with valid checksums, which only the structure can reveal: an internal node
+/// that points at itself (a cycle) or twice at one child (a node shared within one tree)
+/// makes the dump fail, naming the block, instead of looping or listing mappings twice.
+#[test]
+fn cycles_and_repeated_children_are_errors() {
+    use crate::format::{Node, NodeKind, Superblock};
+    let (dev, md) = new_pool(1024, 100_000);
+    md.create_thin(ThinId(1)).unwrap();
+    for v in 0..2000 {
+        map(&md, 1, v * 2);
+    }
+    md.commit().unwrap();
+    drop(md);
+    let read_node = |b: u64, value_size: usize| {
+        let mut raw = [0u8; 4096];
+        dev.read_block(b, &mut raw).unwrap();
+        Node::decode(&raw, b, value_size).unwrap()
+    };
+    let mut raw = [0u8; 4096];
+    dev.read_block(0, &mut raw).unwrap();
+    let sb = Superblock::decode(&raw, 0).unwrap();
+    let top = read_node(sb.data_mapping_root, 8);
+    let root = top.value_u64(0);
+    let node = read_node(root, 8);
+    assert_eq!(
+        node.kind,
+        NodeKind::Internal,
+        "2000 mappings take several leaves"
+    );
+    let image = dev.to_bytes();
+    for (what, child0) in [("a cycle", root), ("a repeated child", node.value_u64(1))] {
+        let damaged = MemMetaDevice::from_bytes(&image);
+        let mut bad = node.clone();
+        bad.set_value(0, &child0.to_le_bytes());
+        damaged.write_block(root, &bad.encode(root)).unwrap();
+        let mut out = Vec::new();
+        match dump(&damaged, &mut out, &DumpOptions::default()) {
+            Err(Error::Corrupt { path, reason, .. }) => {
+                assert_eq!(path.first(), Some(&root), "{what}: {reason}");
+            }
+            r => panic!("{what}: dump gave {r:?}"),
+        }
+    }
+}
