@@ -106,6 +106,31 @@ enum Cmd {
     Unexpose { pool: String, thin: String },
     /// After the daemon died: restart it and reattach its devices (I/O resumes).
     Recover { pool: String },
+    /// Write metadata as thin_dump's XML (to stdout, or -o FILE).
+    Dump {
+        metadata: PathBuf,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Dump the held metadata snapshot (thin_dump -m).
+        #[arg(short = 'm', long)]
+        metadata_snap: bool,
+        /// Devices only, no mappings.
+        #[arg(long)]
+        skip_mappings: bool,
+        /// Only this thin id.
+        #[arg(long)]
+        dev_id: Option<u32>,
+    },
+    /// Write metadata from thin_dump's XML (like thin_restore).
+    Restore {
+        #[arg(short, long)]
+        input: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Size of the metadata file to create when OUTPUT does not exist.
+        #[arg(long, value_parser = size::parse, default_value = "64M")]
+        metadata_size: u64,
+    },
     /// Check metadata offline (every problem found).
     Check {
         metadata: PathBuf,
@@ -325,6 +350,24 @@ fn run(cli: Cli) -> Result<()> {
             print_thins(&v);
             Ok(())
         }
+        Cmd::Dump {
+            metadata,
+            output,
+            metadata_snap,
+            skip_mappings,
+            dev_id,
+        } => dump(
+            &metadata,
+            output.as_deref(),
+            metadata_snap,
+            skip_mappings,
+            dev_id,
+        ),
+        Cmd::Restore {
+            input,
+            output,
+            metadata_size,
+        } => restore(&input, &output, metadata_size),
         Cmd::Check {
             metadata,
             quiet,
@@ -599,4 +642,88 @@ fn check(metadata: &std::path::Path, quiet: bool, skip_mappings: bool) -> Result
         bail!("{}: the metadata is damaged", metadata.display());
     }
     Ok(())
+}
+
+fn dump(
+    metadata: &std::path::Path,
+    output: Option<&std::path::Path>,
+    metadata_snap: bool,
+    skip_mappings: bool,
+    dev_id: Option<u32>,
+) -> Result<()> {
+    use std::io::Write;
+    let dev = block_io::FileMetaDevice::open(metadata)
+        .with_context(|| format!("opening {}", metadata.display()))?;
+    let opts = thin_metadata::xml::DumpOptions {
+        metadata_snap,
+        skip_mappings,
+        dev_id,
+    };
+    match output {
+        None => {
+            let stdout = std::io::stdout();
+            let mut w = std::io::BufWriter::new(stdout.lock());
+            thin_metadata::xml::dump(&dev, &mut w, &opts)
+                .with_context(|| format!("dumping {}", metadata.display()))?;
+            w.flush()?;
+        }
+        Some(path) => {
+            let f = std::fs::File::create(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            let mut w = std::io::BufWriter::new(f);
+            let r = thin_metadata::xml::dump(&dev, &mut w, &opts)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| w.flush().map_err(anyhow::Error::from));
+            if let Err(e) = r {
+                // Never leave half a document behind.
+                drop(w);
+                let _ = std::fs::remove_file(path);
+                return Err(e.context(format!("dumping {}", metadata.display())));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn restore(input: &std::path::Path, output: &std::path::Path, metadata_size: u64) -> Result<()> {
+    use std::sync::Arc;
+    let f = std::fs::File::open(input).with_context(|| format!("opening {}", input.display()))?;
+    let created = !output.exists();
+    let dev: Arc<dyn block_io::MetaDevice> = if created {
+        Arc::new(
+            block_io::FileMetaDevice::create(output, metadata_size / engine::META_BLOCK_BYTES)
+                .with_context(|| format!("creating {}", output.display()))?,
+        )
+    } else {
+        Arc::new(
+            block_io::FileMetaDevice::open(output)
+                .with_context(|| format!("opening {}", output.display()))?,
+        )
+    };
+    let mut r = std::io::BufReader::new(f);
+    match thin_metadata::xml::restore(&mut r, dev) {
+        Ok(sum) => {
+            println!(
+                "restored {} devices, {} mappings ({} data blocks, {} shared) into {}",
+                sum.nr_devices,
+                sum.nr_mappings,
+                sum.nr_data_blocks_used,
+                sum.nr_shared_data_blocks,
+                output.display()
+            );
+            for c in &sum.mapped_blocks_corrected {
+                eprintln!(
+                    "thin-ctl: warning: device {} said mapped_blocks={} but maps {}; corrected",
+                    c.dev_id, c.stated, c.actual
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            if created {
+                let _ = std::fs::remove_file(output);
+            }
+            Err(anyhow::Error::from(e).context(format!("restoring {}", input.display())))
+        }
+    }
 }

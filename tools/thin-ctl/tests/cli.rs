@@ -228,3 +228,44 @@ fn grow_extends_the_data_file_with_and_without_the_daemon() {
     let check = env.ok(&["check", s(&env.path("meta"))]);
     assert!(check.starts_with("clean"), "{check}");
 }
+
+#[test]
+fn dump_and_restore_swap_with_thin_provisioning_tools() {
+    let env = Env::new("xml");
+    env.create_pool();
+    env.ok(&["create", "p", "vol", "--size", "1G"]);
+    env.ok(&["snapshot", "p", "vol", "snap"]);
+    let meta = env.path("meta");
+    let xml = env.ok(&["dump", s(&meta)]);
+    assert!(xml.starts_with("<superblock"), "{xml}");
+    let xml_file = env.path("dump.xml");
+    env.ok(&["dump", s(&meta), "-o", s(&xml_file)]);
+    assert_eq!(std::fs::read_to_string(&xml_file).unwrap(), xml);
+    if let Ok(o) = Command::new("thin_dump").arg(&meta).output() {
+        assert!(o.status.success());
+        assert_eq!(
+            String::from_utf8(o.stdout).unwrap(),
+            xml,
+            "thin_dump differs"
+        );
+    }
+    let out = env.path("restored");
+    env.ok(&["restore", "-i", s(&xml_file), "-o", s(&out)]);
+    assert_eq!(env.ok(&["dump", s(&out)]), xml);
+    assert!(env.ok(&["check", s(&out)]).starts_with("clean"));
+    if let Ok(o) = Command::new("thin_check").arg(&out).output() {
+        assert!(o.status.success(), "thin_check: {o:?}");
+    }
+    // Bad XML: an error naming the line, and no output file left behind.
+    std::fs::write(
+        &xml_file,
+        xml.replacen("<device ", "<device dev_id=\"x\" ", 1),
+    )
+    .unwrap();
+    let bad_out = env.path("bad");
+    let e = env.fails(&["restore", "-i", s(&xml_file), "-o", s(&bad_out)], 1);
+    assert!(e.contains("line"), "{e}");
+    assert!(!bad_out.exists());
+    let e = env.fails(&["dump", s(&env.path("nope"))], 1);
+    assert!(e.contains("nope"), "{e}");
+}
