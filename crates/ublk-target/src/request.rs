@@ -157,6 +157,92 @@ async fn write_zeros_keeping_blocks<D: DataDevice>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use block_io::data::{rt, DataGeometry, MemDataDevice};
+    use block_io::MemMetaDevice;
+    use std::sync::Arc;
+    use thin_pool::{Pool, PoolConfig};
+
+    const BS: u64 = 64 << 10;
+
+    /// A pool of 16 blocks on memory devices with thin 1, and a tag-sized buffer.
+    fn rig() -> (Pool, Arc<MemDataDevice>, IoBuf) {
+        let data = Arc::new(MemDataDevice::new(DataGeometry::new(BS, 16, 4096).unwrap()));
+        let d = data.clone();
+        let cfg = PoolConfig {
+            reserve_blocks: 0,
+            ..PoolConfig::default()
+        };
+        let pool = Pool::format(Arc::new(MemMetaDevice::new(256)), 16, cfg, move || {
+            Ok(d.clone())
+        })
+        .unwrap();
+        pool.create_thin(1).unwrap();
+        (pool, data, IoBuf::new(256 << 10))
+    }
+
+    fn req(op: Op, offset: u64, len: u64) -> Request {
+        Request {
+            op,
+            offset,
+            len,
+            fua: false,
+            no_unmap: false,
+        }
+    }
+
+    #[test]
+    fn requests_reach_the_thin_and_report_bytes_or_errnos() {
+        let (pool, dev, mut buf) = rig();
+        let thin = pool.open_thin(1).unwrap();
+        rt::block_on(async {
+            // A write spanning two blocks, then a read of it.
+            buf.set_len(8192);
+            buf.fill(0xab);
+            let (res, b) = handle(&thin, &dev, req(Op::Write, BS - 4096, 8192), buf).await;
+            assert_eq!(res, 8192);
+            assert_eq!(b.len(), b.capacity(), "the buffer comes back whole");
+            let (res, b) = handle(&thin, &dev, req(Op::Read, BS - 4096, 8192), b).await;
+            assert_eq!(res, 8192);
+            assert!(b[..8192].iter().all(|&x| x == 0xab));
+            let (res, b) = handle(&thin, &dev, req(Op::Flush, 0, 0), b).await;
+            assert_eq!(res, 0);
+            // Write-zeroes with NOUNMAP keeps the blocks; without, whole blocks go.
+            let mapped = || {
+                pool.status()
+                    .thins
+                    .iter()
+                    .find(|t| t.id == 1)
+                    .unwrap()
+                    .mapped_blocks
+            };
+            assert_eq!(mapped(), 2);
+            let nounmap = Request {
+                no_unmap: true,
+                ..req(Op::WriteZeroes, 0, 2 * BS)
+            };
+            let (res, b) = handle(&thin, &dev, nounmap, b).await;
+            assert_eq!(res, 0);
+            assert_eq!(mapped(), 2, "NOUNMAP deallocates nothing");
+            let (res, b) = handle(&thin, &dev, req(Op::Read, BS - 4096, 8192), b).await;
+            assert_eq!(res, 8192);
+            assert!(b[..8192].iter().all(|&x| x == 0));
+            let (res, b) = handle(&thin, &dev, req(Op::WriteZeroes, 0, 2 * BS), b).await;
+            assert_eq!(res, 0);
+            assert_eq!(mapped(), 0);
+            // Discard of a range with nothing mapped, then errors.
+            let (res, b) = handle(&thin, &dev, req(Op::Discard, 0, 4 * BS), b).await;
+            assert_eq!(res, 0);
+            let (res, b) = handle(&thin, &dev, req(Op::Unsupported(4), 0, 4096), b).await;
+            assert_eq!(res, -libc::EOPNOTSUPP);
+            let (res, b) = handle(&thin, &dev, req(Op::Read, 0, 1 << 20), b).await;
+            assert_eq!(res, -libc::EINVAL, "longer than the tag buffer");
+            let (res, b) = handle(&thin, &dev, req(Op::Write, 100, 4096), b).await;
+            assert_eq!(res, -libc::EINVAL, "unaligned for the data device");
+            drop(b);
+        });
+        drop(thin);
+        pool.close().unwrap();
+    }
 
     fn iod(op: u32, flags: u32, sector: u64, sectors: u32) -> sys::ublksrv_io_desc {
         sys::ublksrv_io_desc {
