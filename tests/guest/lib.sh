@@ -69,6 +69,15 @@ tctl() {
     thin-ctl "$@"
 }
 
+# thin-ctl check METADATA, its report in the log (no progress bar: stderr is not the console).
+tcheck() {
+    log "+ thin-ctl check $1"
+    thin-ctl check "$1" 2>/tmp/check.err || {
+        cat /tmp/check.err
+        fail "$STEP: thin-ctl check $1 reports damage"
+    }
+}
+
 # Echoes one field of `thin-ctl pool status POOL --json` (a number or a quoted string), or
 # of the thin THIN in it: jfield POOL KEY [THIN].
 jfield() {

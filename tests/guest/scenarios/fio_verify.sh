@@ -45,7 +45,7 @@ log "data blocks used: $used"
 
 step "stop the pool; both checkers accept the metadata"
 must tctl pool stop p
-must tctl check $META
+tcheck $META
 must thin_check $META
 
 step "start again, expose, read everything back (fio verify_only)"

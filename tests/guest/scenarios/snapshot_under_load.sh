@@ -108,7 +108,7 @@ verify_all live
 step "restart the pool; the same bytes; thin_check"
 must tctl pool stop p
 must thin_check $META
-must tctl check $META
+tcheck $META
 must tctl pool start p
 expose p origin
 ORIGIN=$DEV
