@@ -20,7 +20,8 @@ _RESULTED=""
 _FAILED=""
 
 now() { cut -d' ' -f1 /proc/uptime; }
-log() { echo "[$(now)] $*"; }
+# To stderr, so that a log line never ends up in a $(...) capture.
+log() { echo "[$(now)] $*" >&2; }
 
 _result() {
     [ -n "$_RESULTED" ] && return
