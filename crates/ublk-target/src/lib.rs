@@ -42,5 +42,12 @@ pub fn probe() -> Result<(), Error> {
     }
     io_uring::IoUring::<io_uring::squeue::Entry>::new(4)
         .map(drop)
-        .map_err(|e| Error::NoIoUring(e.to_string()))
+        .map_err(|e| match e.raw_os_error() {
+            // Kernels before 5.12 charge ring memory to RLIMIT_MEMLOCK.
+            Some(libc::ENOMEM) => Error::NoIoUring(format!(
+                "{e}: the locked-memory limit is too small (raise `ulimit -l`, or \
+                 LimitMEMLOCK= in a systemd unit)"
+            )),
+            _ => Error::NoIoUring(e.to_string()),
+        })
 }
