@@ -125,6 +125,9 @@ pub(crate) fn run(ready: ReadyQueue<'_>) {
     }
 }
 
+/// Tasks polled between two visits to the ring.
+const MAX_TICKS_PER_ROUND: usize = 256;
+
 /// The queue's event loop (see the module docs).
 async fn drive(
     exe: &LocalExecutor<'_>,
@@ -135,7 +138,13 @@ async fn drive(
     let ring_fd = Async::new(RingFd(with_task_io_ring(|r| r.as_raw_fd())))
         .map_err(|e| format!("watching the queue ring: {e}"))?;
     loop {
-        while exe.try_tick() {}
+        // Bounded, so that a task that keeps yielding cannot hold back submitting and
+        // reaping; what is still runnable is picked up by `exe.tick()` below at once.
+        for _ in 0..MAX_TICKS_PER_ROUND {
+            if !exe.try_tick() {
+                break;
+            }
+        }
         ring.reap_orphans();
         if tasks.iter().all(|t| t.is_finished()) {
             return Ok(());
