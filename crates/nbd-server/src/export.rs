@@ -99,6 +99,8 @@ impl Shared {
 /// Everything a connection thread needs.
 struct Ctx<D> {
     shared: Arc<Shared>,
+    /// Keeps the pool, its committer included, running while any connection may flush.
+    _pool: Arc<thin_pool::Pool>,
     thin: Arc<Thin>,
     device: crate::config::DeviceFactory<D>,
     shape: Shape,
@@ -206,6 +208,7 @@ impl Export {
         });
         let ctx = Arc::new(Ctx {
             shared: shared.clone(),
+            _pool: cfg.pool.clone(),
             thin: Arc::new(thin),
             device: cfg.device,
             shape: Shape {

@@ -55,3 +55,15 @@ pub use error::ExportError;
 pub use export::{Export, ExportStats};
 
 pub(crate) use export::Stats;
+
+#[cfg(test)]
+mod tests {
+    /// thin-ctl's daemon keeps exports in shared state and stops them from any thread.
+    #[test]
+    fn exports_and_their_configs_move_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<crate::Export>();
+        send_sync::<crate::ExportConfig>();
+        send_sync::<crate::ExportError>();
+    }
+}

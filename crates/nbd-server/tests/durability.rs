@@ -52,7 +52,11 @@ fn acknowledged_fua_writes_and_flushes_survive_a_crash() {
     let export = Export::start(cfg).unwrap();
     let sock = socket_of(&export);
 
-    let (mut c, _) = Client::open(&sock, "vol");
+    let (mut c, info) = Client::open(&sock, "vol");
+    // A second connection: the export offers multi-conn, so its flush must cover the
+    // first connection's writes too.
+    let (mut c2, _) = Client::open(&sock, "vol");
+    assert_eq!(info.flags & 256, 256, "NBD_FLAG_CAN_MULTI_CONN");
     let bs = BLOCK_BYTES;
     // Blocks 0..8: FUA writes, each into a fresh block (a commit per write).
     for i in 0..8 {
@@ -60,14 +64,16 @@ fn acknowledged_fua_writes_and_flushes_survive_a_crash() {
     }
     // Overwrites of committed blocks with FUA: a data flush, no commit needed.
     assert_eq!(c.write(FUA, 2 * bs, &pattern(102, 4096)), 0);
-    // Blocks 8..16: plain writes, then a flush (the last thing that makes anything durable).
+    // Blocks 8..16: plain writes, then a flush on the other connection (the last thing that
+    // makes anything durable).
     for i in 8..16 {
         c.write_req(0, i, i * bs + 4096, &pattern(i, 4096));
     }
     for _ in 8..16 {
         assert_eq!(c.reply().0, 0);
     }
-    assert_eq!(c.call(FLUSH, 0, 0, 0), 0);
+    assert_eq!(c2.call(FLUSH, 0, 0, 0), 0);
+    drop(c2);
     // Blocks 16..24: plain writes never flushed (may be lost), then a half-sent write and
     // the client is gone.
     for i in 16..24 {

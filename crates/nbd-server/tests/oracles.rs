@@ -138,6 +138,11 @@ fn qemu_io_writes_and_reads_patterns() {
         "read -P 0xcd 60k 8k",
         "read -P 0 68k 60k",
         "read -P 0xef 1m 4k",
+        // Unaligned: qemu reads, modifies and writes whole blocks of the advertised minimum.
+        "write -P 0x77 1000 100",
+        "read -P 0x77 1000 100",
+        "read -P 0xab 0 1000",
+        "read -P 0xab 1100 2996",
         // Write-zeroes: plain (NO_HOLE) and allowed to unmap; discard of a whole block.
         "write -P 0x11 128k 128k",
         "write -z 128k 8k",
