@@ -378,6 +378,13 @@ impl Pool {
             .map_err(|e| self.shared.control_error(e))?;
         self.shared.lwm_fired.store(false, Ordering::Relaxed);
         self.shared.data_grown.fetch_add(1, Ordering::SeqCst);
+        if self.shared.mode() == PoolMode::OutOfDataSpace {
+            // As dm-thin does at a resize; queued writes take the new blocks.
+            self.shared.set_mode(
+                PoolMode::Write,
+                format!("data space grown to {nr_blocks} blocks"),
+            );
+        }
         self.shared.space_changed();
         self.shared.kick_worker();
         Ok(())

@@ -93,6 +93,11 @@ fn out_of_space_error_mode_then_grow_resumes() {
         res.unwrap();
         assert!(buf[..4096].iter().all(|&b| b == 3) && buf[4096..].iter().all(|&b| b == 1));
         r.pool.grow_data(32).unwrap();
+        assert_eq!(
+            r.pool.mode(),
+            PoolMode::Write,
+            "a grow ends out-of-space at once"
+        );
         let (res, _) = t
             .write(&r.data, 16 * bs, IoBuf::filled(4096, 2), false)
             .await;
