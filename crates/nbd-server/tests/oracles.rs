@@ -49,8 +49,10 @@ fn fio_has_nbd() -> bool {
 
 /// A fio job writing `size` of the export at iodepth 32 and verifying every block with
 /// crc32c (`extra` adds options, e.g. the block sizes or `--verify_only`).
-fn fio(export: &Export, name: &str, extra: &[&str]) -> String {
+fn fio(export: &Export, dir: &TempDir, name: &str, extra: &[&str]) -> String {
+    // fio leaves its verify state files in its working directory.
     let out = run(Command::new("fio")
+        .current_dir(&dir.0)
         .arg(format!("--name={name}"))
         .arg("--ioengine=nbd")
         .arg(format!("--uri={}", export.uri()))
@@ -76,9 +78,10 @@ fn fio_verifies_a_thin_and_a_snapshot_of_it() {
     let origin = rig.export(1, SIZE, "origin");
     // Mixed sizes up to 256 KiB on the thin; then 4 KiB ones.
     let mixed = ["--bssplit=4k/40:16k/20:64k/20:256k/20", "--randseed=11"];
-    fio(&origin, "mixed", &mixed);
+    fio(&origin, &rig.dir, "mixed", &mixed);
     fio(
         &origin,
+        &rig.dir,
         "small",
         &["--bs=4k", "--randseed=12", "--offset=32m"],
     );
@@ -87,9 +90,10 @@ fn fio_verifies_a_thin_and_a_snapshot_of_it() {
     // sharing of blocks the origin wrote.
     rt::block_on(rig.pool.create_snap(2, 1)).expect("snapshot");
     let snap = rig.export(2, SIZE, "snap");
-    fio(&snap, "snap4k", &["--bs=4k", "--randseed=13"]);
+    fio(&snap, &rig.dir, "snap4k", &["--bs=4k", "--randseed=13"]);
     fio(
         &snap,
+        &rig.dir,
         "snapmixed",
         &[
             "--bssplit=4k/50:64k/25:256k/25",
@@ -99,9 +103,15 @@ fn fio_verifies_a_thin_and_a_snapshot_of_it() {
     );
 
     // The origin still holds exactly what it was given.
-    fio(&origin, "mixed", &[&mixed[..], &["--verify_only"]].concat());
     fio(
         &origin,
+        &rig.dir,
+        "mixed",
+        &[&mixed[..], &["--verify_only"]].concat(),
+    );
+    fio(
+        &origin,
+        &rig.dir,
         "small",
         &["--bs=4k", "--randseed=12", "--offset=32m", "--verify_only"],
     );
