@@ -207,6 +207,46 @@ fn pipelined_requests_are_all_answered_by_cookie() {
 }
 
 #[test]
+fn several_connections_are_served_at_once() {
+    let rig = Rig::new("many", 512);
+    let export = rig.export(1, SIZE, "s");
+    let sock = socket_of(&export);
+    let clients: Vec<_> = (0..6u64)
+        .map(|t| {
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                let (mut c, _) = Client::open(&sock, "vol");
+                // Each client its own 4 MiB, interleaved 64 KiB blocks with the others'.
+                let at = |i: u64| (i * 6 + t) * BLOCK_BYTES + (i % 16) * 4096;
+                for round in 0..4u64 {
+                    for i in 0..32 {
+                        let tag = t * 1000 + round * 100 + i;
+                        c.write_req(0, i, at(i), &pattern(tag, 4096));
+                    }
+                    for _ in 0..32 {
+                        assert_eq!(c.reply().0, 0);
+                    }
+                    for i in 0..32 {
+                        c.request(READ, 0, i, at(i), 4096);
+                    }
+                    for _ in 0..32 {
+                        let (error, i) = c.reply();
+                        assert_eq!(error, 0);
+                        let tag = t * 1000 + round * 100 + i;
+                        assert_eq!(c.read_bytes(4096), pattern(tag, 4096), "client {t}");
+                    }
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("a client failed");
+    }
+    assert_eq!(export.stats().connections_accepted, 6);
+    assert_eq!(export.stats().error_replies, 0);
+}
+
+#[test]
 fn malformed_requests_get_errors_and_other_clients_keep_being_served() {
     let rig = Rig::new("malformed", 256);
     let export = rig.export(1, SIZE, "s");
@@ -385,6 +425,37 @@ fn connections_beyond_the_limit_are_closed_and_stop_drains() {
     for i in 0..32 {
         assert_eq!(c.read(i * 4096, 4096), pattern(i, 4096));
     }
+}
+
+#[test]
+fn stop_ends_idle_and_half_negotiated_connections() {
+    let rig = Rig::new("stop-idle", 256);
+    let export = rig.export(1, SIZE, "s");
+    let sock = socket_of(&export);
+    let (mut idle, _) = Client::open(&sock, "vol");
+    let mut haggling = Client::connect(&sock);
+    haggling.greet(1);
+    let mut silent = Client::connect(&sock);
+    // Connections still in the listen backlog at stop are never served: wait for all three
+    // to be accepted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while export.stats().connections_accepted < 3 {
+        assert!(Instant::now() < deadline, "{:?}", export.stats());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let start = Instant::now();
+    export.stop();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(idle.closed_by_server());
+    assert!(haggling.closed_by_server());
+    // The greeting was sent before the stop; then the close.
+    assert_eq!(&silent.read_bytes(8), b"NBDMAGIC");
+    silent.read_bytes(10);
+    assert!(silent.closed_by_server());
 }
 
 #[test]
