@@ -370,6 +370,8 @@ fn main() {
             sz.nr_first_writes,
         ));
         fresh.stop();
+        // The pool's refill of its reserve must not overlap qemu's slice.
+        pool.wait_idle();
         let img = dir.path(&format!("fw{s}.qcow2"));
         let out = Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2"])
