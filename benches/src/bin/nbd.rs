@@ -12,16 +12,17 @@
 //! Cases (4 KiB, iodepth 32, one connection):
 //! - `randread` / `randwrite`: time-based random I/O over a region that was written in full
 //!   first (by the same sequential 1 MiB fio job through each server): the thin's blocks are
-//!   provisioned, the raw file's extents written. Three slices per server, alternating, so a
-//!   noisy neighbour hits both alike. Goal: 0.9 of qemu-nbd raw. qemu's NBD server reads
+//!   provisioned, the raw file's extents written. Three slices per server, each slice
+//!   rotating the order of the servers, so a noisy neighbour (or the tail of the previous
+//!   workload) hits all alike. Goal: 0.9 of qemu-nbd raw. qemu's NBD server reads
 //!   at most 16 requests of a connection at a time (`MAX_NBD_REQUESTS` in nbd/server.c),
 //!   ublk-thin's up to `max_in_flight` (128 by default): a FIGURE `..._max16_iops` shows
 //!   ublk-thin limited to 16 as well, to tell that apart from the servers' own speed.
 //! - `firstwrite`: random 4 KiB writes into a fresh thin and a fresh qcow2 image of the same
 //!   (large) virtual size, a fixed number of them, the same offsets on both sides (fio's seed
 //!   is fixed); the region is large enough that about 95% of the writes land in a 64 KiB
-//!   block/cluster nothing was written to before. Three slices, each on a new thin and a new
-//!   image. Goal: 1.5 times qemu-nbd qcow2.
+//!   block/cluster nothing was written to before. Four slices, each on a new thin and a new
+//!   image, each server first in two of them. Goal: 1.5 times qemu-nbd qcow2.
 //!
 //! Files: under /var/tmp (`$NBD_BENCH_DIR` to move them), removed at the end. Needs fio with
 //! the nbd engine, qemu-nbd and qemu-img; without them it prints `SKIP` and succeeds.
@@ -38,7 +39,10 @@ use ublk_thin_benches::{figure, ratio, Options};
 
 const BLOCK_SIZE: u64 = 64 * 1024;
 const META_BLOCKS: u64 = 8192;
+/// Slices of the random read and write cases (each server once first).
 const NR_SLICES: usize = 3;
+/// Slices of the first-write case (each server first in half of them).
+const NR_FIRST_WRITE_SLICES: usize = 4;
 
 struct Sizes {
     /// Data blocks of the pool.
@@ -57,7 +61,7 @@ impl Sizes {
     fn new(quick: bool) -> Sizes {
         if quick {
             Sizes {
-                nr_blocks: 8192,
+                nr_blocks: 12288,
                 provisioned_bytes: 128 << 20,
                 first_write_virtual_bytes: 2 << 30,
                 nr_first_writes: 1500,
@@ -65,7 +69,7 @@ impl Sizes {
             }
         } else {
             Sizes {
-                nr_blocks: 32768,
+                nr_blocks: 40960,
                 provisioned_bytes: 512 << 20,
                 first_write_virtual_bytes: 8 << 30,
                 nr_first_writes: 6000,
@@ -288,13 +292,14 @@ fn main() {
     let pool = Arc::new(pool);
     println!(
         "pool: {} blocks of {} KiB on {}; provisioned region {} MiB; first writes: {} per \
-         slice over {} GiB; {} slices of {:?}",
+         slice over {} GiB, {} slices; {} slices of {:?} for random reads and writes",
         sz.nr_blocks,
         BLOCK_SIZE >> 10,
         dir.0.display(),
         sz.provisioned_bytes >> 20,
         sz.nr_first_writes,
         sz.first_write_virtual_bytes >> 30,
+        NR_FIRST_WRITE_SLICES,
         NR_SLICES,
         sz.slice
     );
@@ -317,6 +322,7 @@ fn main() {
         dir.path("thin16.sock"),
         Some(16),
     );
+    let thin16_uri = thin16.uri();
     fill(&ours, sz.provisioned_bytes);
     pool.wait_idle();
     let raw_file = dir.path("raw");
@@ -328,12 +334,17 @@ fn main() {
 
     let mut results = Vec::new();
     for rw in ["randread", "randwrite"] {
-        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..NR_SLICES {
-            a.push(random(&ours, rw, sz.provisioned_bytes, sz.slice));
-            b.push(random(&raw.uri, rw, sz.provisioned_bytes, sz.slice));
-            c.push(random(&thin16.uri(), rw, sz.provisioned_bytes, sz.slice));
+        // Each slice runs the three servers in a rotated order, so none always goes first
+        // (the first after a change of workload tends to pay for the previous one).
+        let uris = [ours.as_str(), raw.uri.as_str(), thin16_uri.as_str()];
+        let mut iops: [Vec<f64>; 3] = Default::default();
+        for s in 0..NR_SLICES {
+            for k in 0..uris.len() {
+                let i = (s + k) % uris.len();
+                iops[i].push(random(uris[i], rw, sz.provisioned_bytes, sz.slice));
+            }
         }
+        let [a, b, c] = iops;
         println!(
             "{rw}: ublk-thin slices {a:.0?}, qemu-nbd raw slices {b:.0?}, ublk-thin with 16 \
              in flight {c:.0?}"
@@ -350,9 +361,9 @@ fn main() {
     thin16.stop();
     let _ = std::fs::remove_file(&raw_file);
 
-    // First writes: each slice a fresh thin and a fresh qcow2 image.
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    for s in 0..NR_SLICES {
+    // First writes: each slice a fresh thin and a fresh qcow2 image, ublk-thin first in even
+    // slices and qemu-nbd first in odd ones.
+    let ours_first_writes = |s: usize| {
         let id = 2 + s as u32;
         pool.create_thin(id).expect("create a fresh thin");
         pool.wait_idle();
@@ -364,14 +375,17 @@ fn main() {
             dir.path(&format!("fw{s}.sock")),
             None,
         );
-        a.push(first_writes(
+        let iops = first_writes(
             &fresh.uri(),
             sz.first_write_virtual_bytes,
             sz.nr_first_writes,
-        ));
+        );
         fresh.stop();
         // The pool's refill of its reserve must not overlap qemu's slice.
         pool.wait_idle();
+        iops
+    };
+    let qcow2_first_writes = |s: usize| {
         let img = dir.path(&format!("fw{s}.qcow2"));
         let out = Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2"])
@@ -381,13 +395,20 @@ fn main() {
             .expect("run qemu-img");
         assert!(out.status.success(), "qemu-img create failed: {out:?}");
         let qcow2 = QemuNbd::start("qcow2", &img, &dir.path(&format!("q{s}.sock")));
-        b.push(first_writes(
-            &qcow2.uri,
-            sz.first_write_virtual_bytes,
-            sz.nr_first_writes,
-        ));
+        let iops = first_writes(&qcow2.uri, sz.first_write_virtual_bytes, sz.nr_first_writes);
         drop(qcow2);
         let _ = std::fs::remove_file(&img);
+        iops
+    };
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for s in 0..NR_FIRST_WRITE_SLICES {
+        if s % 2 == 0 {
+            a.push(ours_first_writes(s));
+            b.push(qcow2_first_writes(s));
+        } else {
+            b.push(qcow2_first_writes(s));
+            a.push(ours_first_writes(s));
+        }
     }
     println!("first writes: ublk-thin slices {a:.0?}, qemu-nbd qcow2 slices {b:.0?}");
     let st = pool.status();
@@ -395,7 +416,8 @@ fn main() {
         "pool after the run: {} of {} blocks used, {} commits",
         st.used_data_blocks, st.nr_data_blocks, st.stats.commits
     );
-    let (a, b) = (sum(&a) / NR_SLICES as f64, sum(&b) / NR_SLICES as f64);
+    let n = NR_FIRST_WRITE_SLICES as f64;
+    let (a, b) = (sum(&a) / n, sum(&b) / n);
     figure("nbd_thin_firstwrite_qd32_iops", a, "iops");
     figure("nbd_qemu_qcow2_firstwrite_qd32_iops", b, "iops");
 
