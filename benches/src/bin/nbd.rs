@@ -264,6 +264,13 @@ fn export(
     Export::start(cfg).expect("start the NBD export")
 }
 
+/// Lets the tail of the previous workload (writeback below the filesystem, the device's own
+/// caches) pass before the next case starts.
+fn settle(t: Duration) {
+    let _ = Command::new("sync").status();
+    std::thread::sleep(t);
+}
+
 fn sum(v: &[f64]) -> f64 {
     v.iter().sum()
 }
@@ -334,6 +341,7 @@ fn main() {
 
     let mut results = Vec::new();
     for rw in ["randread", "randwrite"] {
+        settle(sz.slice);
         // Each slice runs the three servers in a rotated order, so none always goes first
         // (the first after a change of workload tends to pay for the previous one).
         let uris = [ours.as_str(), raw.uri.as_str(), thin16_uri.as_str()];
@@ -400,6 +408,7 @@ fn main() {
         let _ = std::fs::remove_file(&img);
         iops
     };
+    settle(sz.slice);
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for s in 0..NR_FIRST_WRITE_SLICES {
         if s % 2 == 0 {
