@@ -55,6 +55,14 @@ impl Shared {
         }
     }
 
+    /// Every change up to `seq` is durable.
+    fn note_durable(&self, seq: u64) {
+        self.durable_seq.fetch_max(seq, Ordering::SeqCst);
+        if let Some(log) = &self.cfg.change_log {
+            log.durable(seq);
+        }
+    }
+
     /// One round: commit (or just flush the data) and record the outcome.
     fn round(&self, flush_data: &dyn Fn() -> std::io::Result<()>) -> Result<()> {
         let seq = self.change_seq.load(Ordering::SeqCst);
@@ -68,7 +76,7 @@ impl Shared {
         }
         if !self.meta.has_uncommitted_changes() {
             flush_data().map_err(PoolError::DataIo)?;
-            self.durable_seq.fetch_max(seq, Ordering::SeqCst);
+            self.note_durable(seq);
             self.cut_durable.fetch_max(cut, Ordering::SeqCst);
             return Ok(());
         }
@@ -77,7 +85,7 @@ impl Shared {
         match self.meta.commit_with_barrier(flush_data) {
             Ok(()) => {
                 self.counters.record_commit(t0.elapsed());
-                self.durable_seq.fetch_max(seq, Ordering::SeqCst);
+                self.note_durable(seq);
                 self.cut_durable.fetch_max(cut, Ordering::SeqCst);
                 // Blocks freed in the committed transaction can be allocated now.
                 if free_before > 0 || self.space.has_waiters() {

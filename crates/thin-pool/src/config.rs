@@ -41,6 +41,16 @@ pub enum ReserveZeroing {
 /// Called for each pool event, from whichever thread noticed it. Must not block.
 pub type EventHook = Arc<dyn Fn(&PoolEvent) + Send + Sync>;
 
+/// Hears of every mapping change before the request that made it is acknowledged, and of
+/// every commit, in one sequence: thin `t` has uncommitted changes while the last `changed`
+/// seq for it exceeds the last `durable` seq. A daemon that may be killed records these
+/// where its successor can read them (shared memory), so that writes acknowledged but never
+/// committed are reported, not silently lost. Both must be cheap and must not block.
+pub trait ChangeLog: Send + Sync {
+    fn changed(&self, thin: u32, seq: u64);
+    fn durable(&self, seq: u64);
+}
+
 /// How a pool runs.
 #[derive(Clone)]
 pub struct PoolConfig {
@@ -71,6 +81,8 @@ pub struct PoolConfig {
     pub delete_batch_blocks: u64,
     /// Called for each event (besides the `tracing` line each one gets).
     pub on_event: Option<EventHook>,
+    /// See `ChangeLog`.
+    pub change_log: Option<Arc<dyn ChangeLog>>,
 }
 
 impl Default for PoolConfig {
@@ -87,6 +99,7 @@ impl Default for PoolConfig {
             discard_batch_blocks: 256,
             delete_batch_blocks: 4096,
             on_event: None,
+            change_log: None,
         }
     }
 }
@@ -105,6 +118,7 @@ impl fmt::Debug for PoolConfig {
             .field("discard_batch_blocks", &self.discard_batch_blocks)
             .field("delete_batch_blocks", &self.delete_batch_blocks)
             .field("on_event", &self.on_event.as_ref().map(|_| "<hook>"))
+            .field("change_log", &self.change_log.as_ref().map(|_| "<log>"))
             .finish()
     }
 }

@@ -41,7 +41,7 @@ mod reserve;
 mod status;
 mod thin;
 
-pub use config::{EventHook, NoSpacePolicy, PoolConfig, ReserveZeroing};
+pub use config::{ChangeLog, EventHook, NoSpacePolicy, PoolConfig, ReserveZeroing};
 pub use error::{PoolError, Result};
 pub use pool::{DeviceFactory, Pool};
 pub use reserve::{FIRST_RESERVED_ID, RESERVE_THIN};

@@ -676,7 +676,7 @@ impl Shared {
     /// Records that `thin`'s metadata changed: its next flush must commit.
     pub fn thin_changed(&self, thin: u32) {
         let ts = self.thins.lock().entry(thin).or_default().shared.clone();
-        self.thin_changed_fast(&ts);
+        self.thin_changed_fast(thin, &ts);
     }
 
     /// Maps a metadata error of a request to the pool's reaction and the request's error:

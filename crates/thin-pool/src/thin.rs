@@ -368,7 +368,7 @@ impl Thin {
             s.give_back(fresh);
             return (Err(s.meta_error(e)), buf);
         }
-        s.thin_changed_fast(&self.ts);
+        s.thin_changed_fast(self.id, &self.ts);
         bump(&self.ts.counters.provisions);
         (Ok(()), buf)
     }
@@ -417,7 +417,7 @@ impl Thin {
             s.give_back(fresh);
             return (Err(s.meta_error(e)), buf);
         }
-        s.thin_changed_fast(&self.ts);
+        s.thin_changed_fast(self.id, &self.ts);
         (Ok(()), buf)
     }
 
@@ -532,7 +532,7 @@ impl Thin {
             }
             let removed = s.meta.remove_range(thin, VBlock(lo), VBlock(hi));
             // Even a partial removal (metadata space ran low half way) changed the thin.
-            s.thin_changed_fast(&self.ts);
+            s.thin_changed_fast(self.id, &self.ts);
             let n = removed.map_err(|e| s.meta_error(e))?;
             s.counters.blocks_discarded.fetch_add(n, Ordering::Relaxed);
             self.ts
@@ -670,9 +670,12 @@ impl Shared {
     }
 
     /// `thin_changed` for a handle that already has the thin's shared state.
-    pub(crate) fn thin_changed_fast(&self, ts: &ThinShared) {
+    pub(crate) fn thin_changed_fast(&self, thin: u32, ts: &ThinShared) {
         let seq = self.change_seq.fetch_add(1, Ordering::SeqCst) + 1;
         ts.last_change.fetch_max(seq, Ordering::SeqCst);
+        if let Some(log) = &self.cfg.change_log {
+            log.changed(thin, seq);
+        }
     }
 
     /// Records the mapping of a fresh block after its data was written.

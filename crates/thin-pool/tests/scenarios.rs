@@ -827,3 +827,57 @@ fn a_pool_too_low_on_metadata_for_its_reserve_still_opens() {
     ));
     close_and_check(r);
 }
+
+/// Records what a `ChangeLog` hears.
+#[derive(Default)]
+struct Recorder {
+    changed: parking_lot::Mutex<Vec<(u32, u64)>>,
+    durable: AtomicU64,
+}
+
+impl thin_pool::ChangeLog for Recorder {
+    fn changed(&self, thin: u32, seq: u64) {
+        self.changed.lock().push((thin, seq));
+    }
+    fn durable(&self, seq: u64) {
+        self.durable.fetch_max(seq, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn the_change_log_hears_of_a_change_before_its_write_returns_and_of_the_commit() {
+    let log = Arc::new(Recorder::default());
+    let cfg = PoolConfig {
+        reserve_blocks: 0,
+        change_log: Some(log.clone()),
+        ..PoolConfig::default()
+    };
+    let r = rig(64 * KIB, 16, cfg);
+    r.pool.create_thin(1).unwrap();
+    r.pool.create_thin(2).unwrap();
+    let t = r.pool.open_thin(1).unwrap();
+    rt::block_on(async {
+        let before = log.changed.lock().len();
+        let (res, _) = t.write(&r.data, 0, IoBuf::filled(4096, 1), false).await;
+        res.unwrap();
+        let seen = log.changed.lock().clone();
+        assert!(
+            seen.len() > before,
+            "the provision was logged before the write returned"
+        );
+        let (thin, seq) = *seen.last().unwrap();
+        assert_eq!(thin, 1);
+        assert!(log.durable.load(Ordering::SeqCst) < seq, "not durable yet");
+        // An overwrite in place changes no mapping: nothing to log.
+        let (res, _) = t.write(&r.data, 0, IoBuf::filled(4096, 2), false).await;
+        res.unwrap();
+        assert_eq!(log.changed.lock().len(), seen.len());
+        t.flush(&r.data).await.unwrap();
+        assert!(
+            log.durable.load(Ordering::SeqCst) >= seq,
+            "the flush made it durable"
+        );
+    });
+    drop(t);
+    close_and_check(r);
+}

@@ -101,6 +101,9 @@ pub struct Target {
     pub data: Arc<DataFile>,
     /// Recorded in the device's json, for operators reading `/run/ublksrvd`.
     pub label: String,
+    /// Writes the device acknowledged were lost (its previous daemon died before committing
+    /// them): its next flush reports EIO, so the application is told.
+    pub lost_writes: bool,
 }
 
 /// How to bring the device up.
@@ -327,6 +330,7 @@ fn run_device(
         thin_id: target.thin_id,
         data: target.data.clone(),
         limits,
+        lost_writes: Arc::new(std::sync::atomic::AtomicBool::new(target.lost_writes)),
     };
     let (tx, rx) = mpsc::channel::<(u16, libc::pid_t, Result<(), String>)>();
     let mut threads = Vec::new();

@@ -20,6 +20,7 @@ use libublk::UblkError;
 use smol::{Async, LocalExecutor, Task};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use thin_pool::{Pool, Thin};
 
@@ -30,6 +31,8 @@ pub(crate) struct QueueContext {
     pub thin_id: u32,
     pub data: Arc<DataFile>,
     pub limits: Limits,
+    /// Set when the device's thin lost acknowledged writes (see `request::handle`).
+    pub lost_writes: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for QueueContext {
@@ -47,6 +50,7 @@ pub(crate) struct ReadyQueue<'a> {
     q: Rc<UblkQueue<'a>>,
     thin: Rc<Thin>,
     data: Rc<UringDataDevice<QueueRing>>,
+    lost_writes: Arc<AtomicBool>,
     /// libublk counts a buffer per tag before it lets the device start; the tags' real
     /// buffers are block-io `IoBuf`s given to the driver by address, so these small ones
     /// only satisfy that count. They live as long as the queue.
@@ -79,6 +83,7 @@ pub(crate) fn setup<'a>(
         q: Rc::new(q),
         thin: Rc::new(thin),
         data: Rc::new(data),
+        lost_writes: ctx.lost_writes.clone(),
         _reg_bufs: reg_bufs,
     })
 }
@@ -102,8 +107,9 @@ pub(crate) fn run(ready: ReadyQueue<'_>) {
         .tags()
         .map(|tag| {
             let (q, thin, data) = (ready.q.clone(), ready.thin.clone(), ready.data.clone());
+            let lost = ready.lost_writes.clone();
             exe.spawn(async move {
-                match tag_task(&q, tag, &thin, &data, io_buf_bytes).await {
+                match tag_task(&q, tag, &thin, &data, &lost, io_buf_bytes).await {
                     Ok(()) | Err(UblkError::QueueIsDown) => {}
                     Err(e) => tracing::error!("queue {} tag {tag}: {e}", q.get_qid()),
                 }
@@ -186,6 +192,7 @@ async fn tag_task(
     tag: u16,
     thin: &Thin,
     data: &UringDataDevice<QueueRing>,
+    lost_writes: &AtomicBool,
     io_buf_bytes: usize,
 ) -> Result<(), UblkError> {
     let mut buf = IoBuf::new(io_buf_bytes);
@@ -193,7 +200,7 @@ async fn tag_task(
         .await?;
     loop {
         let req = Request::decode(q.get_iod(tag));
-        let (res, b) = request::handle(thin, data, req, buf).await;
+        let (res, b) = request::handle(thin, data, lost_writes, req, buf).await;
         buf = b;
         q.submit_io_commit_cmd(tag, BufDesc::RawAddress(buf_addr(&mut buf)), res)
             .await?;

@@ -7,6 +7,7 @@
 
 use block_io::data::{DataDevice, IoBuf};
 use libublk::sys;
+use std::sync::atomic::{AtomicBool, Ordering};
 use thin_pool::{PoolError, Thin};
 
 /// What a request asks for, in bytes.
@@ -40,6 +41,8 @@ pub(crate) enum Failure {
     /// A request the device's parameters should have ruled out.
     Invalid,
     Unsupported,
+    /// Acknowledged writes were lost with a daemon that died (see `handle`).
+    LostWrites,
 }
 
 impl From<PoolError> for Failure {
@@ -56,6 +59,7 @@ pub(crate) fn completion(res: Result<u64, Failure>) -> i32 {
         Err(Failure::Pool(e)) => -e.errno(),
         Err(Failure::Invalid) => -libc::EINVAL,
         Err(Failure::Unsupported) => -libc::EOPNOTSUPP,
+        Err(Failure::LostWrites) => -libc::EIO,
     }
 }
 
@@ -84,9 +88,13 @@ impl Request {
 /// Runs `req` on `thin`. `buf` is the tag's buffer: the driver copied a write's data into it,
 /// and copies a read's data out of it after completion. It comes back with its length set to
 /// its capacity, whatever happened.
+///
+/// `lost_writes` set means writes this device acknowledged were lost (a daemon died before
+/// committing them): the next flush reports EIO once, so the application hears of it.
 pub(crate) async fn handle<D: DataDevice>(
     thin: &Thin,
     dev: &D,
+    lost_writes: &AtomicBool,
     req: Request,
     mut buf: IoBuf,
 ) -> (i32, IoBuf) {
@@ -104,7 +112,17 @@ pub(crate) async fn handle<D: DataDevice>(
             buf = b;
             r.map(|()| req.len).map_err(Failure::from)
         }
-        Op::Flush => thin.flush(dev).await.map(|()| 0).map_err(Failure::from),
+        Op::Flush => match thin.flush(dev).await {
+            Ok(()) if lost_writes.swap(false, Ordering::SeqCst) => {
+                tracing::error!(
+                    "thin {}: reporting EIO on a flush: writes acknowledged before the \
+                     previous daemon died were never committed and are lost",
+                    thin.id()
+                );
+                Err(Failure::LostWrites)
+            }
+            r => r.map(|()| 0).map_err(Failure::from),
+        },
         Op::Discard => thin
             .discard(dev, req.offset, req.len)
             .await
@@ -194,17 +212,24 @@ mod tests {
     fn requests_reach_the_thin_and_report_bytes_or_errnos() {
         let (pool, dev, mut buf) = rig();
         let thin = pool.open_thin(1).unwrap();
+        let lost = AtomicBool::new(false);
         rt::block_on(async {
             // A write spanning two blocks, then a read of it.
             buf.set_len(8192);
             buf.fill(0xab);
-            let (res, b) = handle(&thin, &dev, req(Op::Write, BS - 4096, 8192), buf).await;
+            let (res, b) = handle(&thin, &dev, &lost, req(Op::Write, BS - 4096, 8192), buf).await;
             assert_eq!(res, 8192);
             assert_eq!(b.len(), b.capacity(), "the buffer comes back whole");
-            let (res, b) = handle(&thin, &dev, req(Op::Read, BS - 4096, 8192), b).await;
+            let (res, b) = handle(&thin, &dev, &lost, req(Op::Read, BS - 4096, 8192), b).await;
             assert_eq!(res, 8192);
             assert!(b[..8192].iter().all(|&x| x == 0xab));
-            let (res, b) = handle(&thin, &dev, req(Op::Flush, 0, 0), b).await;
+            let (res, b) = handle(&thin, &dev, &lost, req(Op::Flush, 0, 0), b).await;
+            assert_eq!(res, 0);
+            // After a daemon died with uncommitted writes: one flush says EIO, then no more.
+            lost.store(true, Ordering::SeqCst);
+            let (res, b) = handle(&thin, &dev, &lost, req(Op::Flush, 0, 0), b).await;
+            assert_eq!(res, -libc::EIO);
+            let (res, b) = handle(&thin, &dev, &lost, req(Op::Flush, 0, 0), b).await;
             assert_eq!(res, 0);
             // Write-zeroes with NOUNMAP keeps the blocks; without, whole blocks go.
             let mapped = || {
@@ -220,23 +245,23 @@ mod tests {
                 no_unmap: true,
                 ..req(Op::WriteZeroes, 0, 2 * BS)
             };
-            let (res, b) = handle(&thin, &dev, nounmap, b).await;
+            let (res, b) = handle(&thin, &dev, &lost, nounmap, b).await;
             assert_eq!(res, 0);
             assert_eq!(mapped(), 2, "NOUNMAP deallocates nothing");
-            let (res, b) = handle(&thin, &dev, req(Op::Read, BS - 4096, 8192), b).await;
+            let (res, b) = handle(&thin, &dev, &lost, req(Op::Read, BS - 4096, 8192), b).await;
             assert_eq!(res, 8192);
             assert!(b[..8192].iter().all(|&x| x == 0));
-            let (res, b) = handle(&thin, &dev, req(Op::WriteZeroes, 0, 2 * BS), b).await;
+            let (res, b) = handle(&thin, &dev, &lost, req(Op::WriteZeroes, 0, 2 * BS), b).await;
             assert_eq!(res, 0);
             assert_eq!(mapped(), 0);
             // Discard of a range with nothing mapped, then errors.
-            let (res, b) = handle(&thin, &dev, req(Op::Discard, 0, 4 * BS), b).await;
+            let (res, b) = handle(&thin, &dev, &lost, req(Op::Discard, 0, 4 * BS), b).await;
             assert_eq!(res, 0);
-            let (res, b) = handle(&thin, &dev, req(Op::Unsupported(4), 0, 4096), b).await;
+            let (res, b) = handle(&thin, &dev, &lost, req(Op::Unsupported(4), 0, 4096), b).await;
             assert_eq!(res, -libc::EOPNOTSUPP);
-            let (res, b) = handle(&thin, &dev, req(Op::Read, 0, 1 << 20), b).await;
+            let (res, b) = handle(&thin, &dev, &lost, req(Op::Read, 0, 1 << 20), b).await;
             assert_eq!(res, -libc::EINVAL, "longer than the tag buffer");
-            let (res, b) = handle(&thin, &dev, req(Op::Write, 100, 4096), b).await;
+            let (res, b) = handle(&thin, &dev, &lost, req(Op::Write, 100, 4096), b).await;
             assert_eq!(res, -libc::EINVAL, "unaligned for the data device");
             drop(b);
         });

@@ -9,6 +9,7 @@
 //! Stop (`pool stop`, SIGTERM, SIGINT): every device is stopped (the driver drains its
 //! requests first), the pool commits and closes, the socket and pid file go.
 
+use crate::changes::ChangeFile;
 use crate::dirs::Dirs;
 use crate::engine::OpenPool;
 use crate::ops::{self, Devices};
@@ -85,7 +86,18 @@ pub fn run(dirs: &Dirs, name: &str) -> Result<()> {
     private_mounts();
     std::fs::create_dir_all(&dirs.run)
         .with_context(|| format!("creating {}", dirs.run.display()))?;
-    let op = OpenPool::open(dirs, name)?;
+    let changes_path = dirs.run.join(format!("{name}.changes"));
+    let mut lost: Option<Vec<u32>> = Some(Vec::new());
+    let op = OpenPool::open_with(dirs, name, || {
+        // Under the lock: the file, if any, is a dead daemon's.
+        if changes_path.exists() {
+            lost = ChangeFile::read_lost(&changes_path)
+                .map_err(|e| tracing::error!("{e:#}; taking every thin as affected"))
+                .unwrap_or(None);
+        }
+        let log: Arc<dyn thin_pool::ChangeLog> = Arc::new(ChangeFile::create(&changes_path)?);
+        Ok(Some(log))
+    })?;
     let pid_file = dirs.pid_file(name);
     std::fs::write(&pid_file, format!("{}\n", std::process::id()))
         .with_context(|| format!("writing {}", pid_file.display()))?;
@@ -107,7 +119,7 @@ pub fn run(dirs: &Dirs, name: &str) -> Result<()> {
         })),
         stop: tokio::sync::Notify::new(),
     });
-    daemon.reattach();
+    daemon.reattach(lost.as_deref());
 
     let sock = dirs.socket(name);
     let _ = std::fs::remove_file(&sock);
@@ -124,6 +136,10 @@ pub fn run(dirs: &Dirs, name: &str) -> Result<()> {
     });
     let _ = std::fs::remove_file(&sock);
     let closed = daemon.shutdown();
+    if closed.is_ok() {
+        // Everything acknowledged is committed: nothing for a successor to report.
+        let _ = std::fs::remove_file(&changes_path);
+    }
     let _ = std::fs::remove_file(&pid_file);
     res.and(closed)
 }
@@ -263,7 +279,7 @@ impl Daemon {
             size_bytes: entry.size,
             ..DeviceOptions::default()
         };
-        let served = self.start_device(st, thin, entry.id, &opts, Start::Add)?;
+        let served = self.start_device(st, thin, entry.id, &opts, Start::Add, false)?;
         let out = json!({ "thin": thin, "device": served.bdev, "dev_id": served.dev_id });
         st.op.sidecar.thin_mut(thin)?.exposed = Some(Exposure {
             dev_id: served.dev_id,
@@ -284,12 +300,14 @@ impl Daemon {
         thin_id: u32,
         opts: &DeviceOptions,
         start: Start,
+        lost_writes: bool,
     ) -> Result<Served> {
         let target = Target {
             pool: st.op.pool.clone(),
             thin_id,
             data: self.data.clone(),
             label: format!("{}/{thin}", self.name),
+            lost_writes,
         };
         let (tx, rx) = mpsc::channel::<Result<Live, String>>();
         let opts = opts.clone();
@@ -331,7 +349,8 @@ impl Daemon {
     }
 
     /// Reattaches the devices a previous daemon left quiesced; forgets those that are gone.
-    fn reattach(&self) {
+    /// `lost` names the thins whose acknowledged writes died with it (`None`: any thin).
+    fn reattach(&self, lost: Option<&[u32]>) {
         let mut guard = self.state.lock();
         let Some(st) = guard.as_mut() else { return };
         let exposed: Vec<(String, u32, Exposure)> = st
@@ -352,7 +371,23 @@ impl Daemon {
                         io_buf_bytes: e.io_buf_bytes,
                         ..DeviceOptions::default()
                     };
-                    match self.start_device(st, &name, thin_id, &opts, Start::Recover(e.dev_id)) {
+                    let lost_writes = lost.is_none_or(|l| l.contains(&thin_id));
+                    if lost_writes {
+                        tracing::error!(
+                            "thin {name:?}: the previous daemon died with writes it had \
+                             acknowledged but not committed; they are lost, and the next flush \
+                             of /dev/ublkb{} reports EIO",
+                            e.dev_id
+                        );
+                    }
+                    match self.start_device(
+                        st,
+                        &name,
+                        thin_id,
+                        &opts,
+                        Start::Recover(e.dev_id),
+                        lost_writes,
+                    ) {
                         Ok(s) => Some(s),
                         Err(err) => {
                             tracing::error!(

@@ -37,13 +37,27 @@ pub struct OpenPool {
 impl OpenPool {
     /// Locks and opens pool `name`.
     pub fn open(dirs: &Dirs, name: &str) -> Result<OpenPool> {
+        Self::open_with(dirs, name, || Ok(None))
+    }
+
+    /// Locks pool `name`, then calls `change_log` (which may now touch files only the lock
+    /// holder may touch) and opens the pool with what it returns.
+    pub fn open_with(
+        dirs: &Dirs,
+        name: &str,
+        change_log: impl FnOnce() -> Result<Option<Arc<dyn thin_pool::ChangeLog>>>,
+    ) -> Result<OpenPool> {
         let sidecar = Sidecar::load(&dirs.state, name)?;
         let lock = lock_pool(dirs, &sidecar)?;
+        let change_log = change_log()?;
         let meta = Arc::new(
             FileMetaDevice::open(&sidecar.metadata)
                 .with_context(|| format!("opening metadata {}", sidecar.metadata.display()))?,
         );
-        let cfg = pool_config(&sidecar.options);
+        let cfg = PoolConfig {
+            change_log,
+            ..pool_config(&sidecar.options)
+        };
         let pool = Pool::open(
             meta.clone(),
             cfg,

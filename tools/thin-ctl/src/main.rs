@@ -1,6 +1,7 @@
 //! thin-ctl: pools, thins and snapshots of ublk-thin, their ublk devices, and offline metadata
 //! tools. See docs/thin-ctl.md.
 
+mod changes;
 mod client;
 mod daemon;
 mod dirs;

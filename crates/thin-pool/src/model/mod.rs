@@ -620,6 +620,7 @@ fn setup(input: &mut Input<'_>) -> Setup {
         discard_batch_blocks: 1 + input.below(8),
         delete_batch_blocks: 1 + input.below(16),
         on_event: None,
+        change_log: None,
     };
     Setup {
         bs,
