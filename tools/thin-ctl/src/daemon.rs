@@ -42,17 +42,23 @@ struct Served {
 struct State {
     op: OpenPool,
     devices: BTreeMap<String, Served>,
+    /// NBD exports, by thin name.
+    exports: BTreeMap<String, nbd_server::Export>,
 }
 
 /// The daemon's devices, as the pool commands see them.
 struct DeviceView<'a> {
     served: &'a BTreeMap<String, Served>,
+    exports: &'a BTreeMap<String, nbd_server::Export>,
     data: &'a DataFile,
 }
 
 impl Devices for DeviceView<'_> {
     fn bdev(&self, thin: &str) -> Option<String> {
-        self.served.get(thin).map(|s| s.bdev.clone())
+        self.served
+            .get(thin)
+            .map(|s| s.bdev.clone())
+            .or_else(|| self.exports.get(thin).map(|e| e.uri()))
     }
 
     fn data_grown(&self) -> Result<()> {
@@ -116,6 +122,7 @@ pub fn run(dirs: &Dirs, name: &str) -> Result<()> {
         state: Mutex::new(Some(State {
             op,
             devices: BTreeMap::new(),
+            exports: BTreeMap::new(),
         })),
         stop: tokio::sync::Notify::new(),
     });
@@ -244,10 +251,25 @@ impl Daemon {
                 let bdev = st.unexpose(thin)?;
                 Ok(json!({ "thin": thin, "device": bdev }))
             }
+            Request::Export {
+                thin,
+                nbd,
+                allow_remote,
+            } => Self::export(st, thin, nbd, *allow_remote),
+            Request::Unexport { thin } => {
+                let e = st
+                    .exports
+                    .remove(thin)
+                    .with_context(|| format!("thin {thin:?} is not exported"))?;
+                let uri = e.uri();
+                e.stop();
+                Ok(json!({ "thin": thin, "uri": uri }))
+            }
             Request::Stop => Ok(json!({ "stopping": self.name })),
             other => {
                 let devices = DeviceView {
                     served: &st.devices,
+                    exports: &st.exports,
                     data: &self.data,
                 };
                 ops::execute(&mut st.op, &devices, other)
@@ -290,6 +312,36 @@ impl Daemon {
         st.devices.insert(thin.to_string(), served);
         st.op.save()?;
         Ok(out)
+    }
+
+    /// Serves a thin over NBD until `unexport` or the daemon stops.
+    fn export(st: &mut State, thin: &str, nbd: &str, allow_remote: bool) -> Result<Value> {
+        if let Some(e) = st.exports.get(thin) {
+            bail!("thin {thin:?} is already exported as {}", e.uri());
+        }
+        let entry = st.op.sidecar.thin(thin)?.clone();
+        if entry.size == 0 {
+            bail!("thin {thin:?} has no size; set one with `thin-ctl resize`");
+        }
+        let listen: nbd_server::Listen = nbd
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--nbd {nbd}: {e}"))?;
+        let sc = &st.op.sidecar;
+        let mut cfg = nbd_server::ExportConfig::new(
+            st.op.pool.clone(),
+            entry.id,
+            entry.size,
+            listen,
+            crate::engine::data_factory(&sc.data, sc.block_size),
+        );
+        cfg.allow_remote = allow_remote;
+        cfg.name = thin.to_string();
+        let export =
+            nbd_server::Export::start(cfg).with_context(|| format!("exporting thin {thin:?}"))?;
+        let uri = export.uri();
+        tracing::info!("thin {thin:?} is exported as {uri}");
+        st.exports.insert(thin.to_string(), export);
+        Ok(json!({ "thin": thin, "uri": uri }))
     }
 
     /// Starts serving thin `thin_id` on its own thread; returns once the device is live.
@@ -427,6 +479,9 @@ impl Daemon {
         let Some(mut st) = self.state.lock().take() else {
             return Ok(());
         };
+        for (_, e) in std::mem::take(&mut st.exports) {
+            e.stop();
+        }
         let names: Vec<String> = st.devices.keys().cloned().collect();
         for name in names {
             if let Err(e) = st.unexpose(&name) {

@@ -103,6 +103,20 @@ enum Cmd {
         #[arg(long, value_parser = size::parse, default_value = "512K")]
         io_buf: u64,
     },
+    /// Serve a thin over NBD (prints its URI); needs the daemon.
+    Export {
+        pool: String,
+        thin: String,
+        /// unix:PATH, or tcp:HOST:PORT (loopback unless --allow-remote).
+        #[arg(long)]
+        nbd: String,
+        /// Listen on a non-loopback address. NBD has no authentication: anyone who can
+        /// reach the port can read and write the thin.
+        #[arg(long)]
+        allow_remote: bool,
+    },
+    /// Stop serving a thin over NBD (requests in flight finish first).
+    Unexport { pool: String, thin: String },
     /// Stop serving a thin (requests in flight finish first).
     Unexpose { pool: String, thin: String },
     /// After the daemon died: restart it and reattach its devices (I/O resumes).
@@ -339,6 +353,26 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Unexpose { pool, thin } => {
             let v = daemon_request(&dirs, &pool, &Request::Unexpose { thin })?;
             println!("removed {}", v["device"].as_str().unwrap_or("?"));
+            Ok(())
+        }
+        Cmd::Export {
+            pool,
+            thin,
+            nbd,
+            allow_remote,
+        } => {
+            let req = Request::Export {
+                thin,
+                nbd,
+                allow_remote,
+            };
+            let v = daemon_request(&dirs, &pool, &req)?;
+            println!("{}", v["uri"].as_str().unwrap_or("?"));
+            Ok(())
+        }
+        Cmd::Unexport { pool, thin } => {
+            let v = daemon_request(&dirs, &pool, &Request::Unexport { thin })?;
+            println!("stopped {}", v["uri"].as_str().unwrap_or("?"));
             Ok(())
         }
         Cmd::Recover { pool } => {

@@ -49,7 +49,11 @@ pub fn execute(op: &mut OpenPool, devices: &dyn Devices, req: &Request) -> Resul
             rt::block_on(op.pool.commit()).context("committing")?;
             Ok(json!({ "transaction_id": new }))
         }
-        Request::Expose { .. } | Request::Unexpose { .. } | Request::Stop => bail!(
+        Request::Expose { .. }
+        | Request::Unexpose { .. }
+        | Request::Export { .. }
+        | Request::Unexport { .. }
+        | Request::Stop => bail!(
             "pool {:?} is not running; start it with `thin-ctl pool start {}`",
             op.sidecar.name,
             op.sidecar.name

@@ -46,6 +46,15 @@ pub enum Request {
     Unexpose {
         thin: String,
     },
+    Export {
+        thin: String,
+        /// `unix:PATH` or `tcp:HOST:PORT`.
+        nbd: String,
+        allow_remote: bool,
+    },
+    Unexport {
+        thin: String,
+    },
     Stop,
 }
 

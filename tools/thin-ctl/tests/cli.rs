@@ -269,3 +269,50 @@ fn dump_and_restore_swap_with_thin_provisioning_tools() {
     let e = env.fails(&["dump", s(&env.path("nope"))], 1);
     assert!(e.contains("nope"), "{e}");
 }
+
+#[test]
+fn export_serves_a_thin_over_nbd_through_the_daemon() {
+    let env = Env::new("nbd");
+    env.create_pool();
+    env.ok(&["create", "p", "vol", "--size", "64M"]);
+    let e = env.fails(&["export", "p", "vol", "--nbd", "unix:/tmp/x"], 1);
+    assert!(e.contains("not running"), "{e}");
+    env.ok(&["pool", "start", "p"]);
+    let e = env.fails(&["export", "p", "vol", "--nbd", "tcp:192.0.2.1:10809"], 1);
+    assert!(e.contains("authentication"), "{e}");
+    let sock = env.path("vol.nbd");
+    let uri = env.ok(&["export", "p", "vol", "--nbd", &format!("unix:{}", s(&sock))]);
+    assert!(uri.starts_with("nbd+unix://"), "{uri}");
+    let e = env.fails(&["delete", "p", "vol"], 1);
+    assert!(e.contains("unexpose") || e.contains("exposed"), "{e}");
+    let qemu_io = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 0 64k",
+            "-c",
+            "read -P 0xab 0 64k",
+        ])
+        .arg(uri.trim())
+        .output();
+    match qemu_io {
+        Ok(o) => {
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                o.status.success() && !out.contains("Pattern verification failed"),
+                "{o:?}"
+            );
+        }
+        Err(e) if std::env::var_os("REQUIRE_ORACLES").is_some() => panic!("qemu-io: {e}"),
+        Err(e) => println!("SKIP qemu-io through the export: {e}"),
+    }
+    env.ok(&["unexport", "p", "vol"]);
+    assert!(!sock.exists() || std::os::unix::net::UnixStream::connect(&sock).is_err());
+    env.ok(&["pool", "stop", "p"]);
+    let list: serde_json::Value = serde_json::from_str(&env.ok(&["list", "p", "--json"])).unwrap();
+    assert_eq!(
+        list[0]["mapped_blocks"], 1,
+        "the 64k write provisioned one block"
+    );
+}
