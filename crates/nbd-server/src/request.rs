@@ -184,7 +184,9 @@ pub(crate) async fn run<D: DataDevice>(
         (Op::WriteZeroes { fua, no_hole }, buf) => {
             let res = match buf {
                 Some(buf) if no_hole => {
-                    write_zeros_keeping_blocks(thin, dev, offset, len, buf).await
+                    thin.write_zeroes_keeping_blocks(dev, offset, len, buf)
+                        .await
+                        .0
                 }
                 _ => thin.write_zeroes(dev, offset, len).await,
             };
@@ -207,32 +209,6 @@ pub(crate) async fn run<D: DataDevice>(
             (nbd_error(&e), None)
         }
     }
-}
-
-/// Write-zeroes with `NO_HOLE`: zeros written through the thin in buffer-sized pieces, so
-/// provisioned blocks stay provisioned (unprovisioned ones already read as zeros, and a write
-/// of zeros to them allocates nothing).
-async fn write_zeros_keeping_blocks<D: DataDevice>(
-    thin: &Thin,
-    dev: &D,
-    offset: u64,
-    len: u64,
-    mut buf: IoBuf,
-) -> Result<(), PoolError> {
-    let align = thin.align_bytes().max(1);
-    let cap = buf.capacity() as u64;
-    let cap = (cap - cap % align).max(align);
-    let (mut pos, end) = (offset, offset + len);
-    while pos < end {
-        let n = (end - pos).min(cap);
-        buf.set_len(n as usize);
-        buf.fill(0);
-        let (r, b) = thin.write(dev, pos, buf, false).await;
-        buf = b;
-        r?;
-        pos += n;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -457,6 +457,38 @@ impl Thin {
         Ok(())
     }
 
+    /// Writes zeros over `[offset, offset + len)` without deallocating anything (a
+    /// write-zeroes with NOUNMAP / NO_HOLE): provisioned blocks are overwritten, and
+    /// unprovisioned ones, which already read as zeros, stay unprovisioned (a zero write
+    /// allocates nothing). `buf` is scratch space, at least one alignment unit; it comes back.
+    pub async fn write_zeroes_keeping_blocks<D: DataDevice>(
+        &self,
+        dev: &D,
+        offset: u64,
+        len: u64,
+        mut buf: IoBuf,
+    ) -> (Result<()>, IoBuf) {
+        let align = self.align_bytes().max(1);
+        let cap = buf.capacity() as u64;
+        if cap < align {
+            buf = IoBuf::new(align as usize);
+        }
+        let cap = (cap - cap % align).max(align);
+        let (mut pos, end) = (offset, offset.saturating_add(len));
+        while pos < end {
+            let n = (end - pos).min(cap);
+            buf.set_len(n as usize);
+            buf.fill(0);
+            let (r, b) = self.write(dev, pos, buf, false).await;
+            buf = b;
+            if let Err(e) = r {
+                return (Err(e), buf);
+            }
+            pos += n;
+        }
+        (Ok(()), buf)
+    }
+
     /// Unmaps every mapped block in `[first, end)`, in bounded batches under a range lock,
     /// yielding between batches so that however large the range, other I/O goes on.
     async fn unmap<D: DataDevice>(

@@ -129,9 +129,11 @@ pub(crate) async fn handle<D: DataDevice>(
             .map(|()| 0)
             .map_err(Failure::from),
         Op::WriteZeroes if req.no_unmap => {
-            let (r, b) = write_zeros_keeping_blocks(thin, dev, req.offset, req.len, buf).await;
+            let (r, b) = thin
+                .write_zeroes_keeping_blocks(dev, req.offset, req.len, buf)
+                .await;
             buf = b;
-            r.map(|()| 0)
+            r.map(|()| 0).map_err(Failure::from)
         }
         Op::WriteZeroes => thin
             .write_zeroes(dev, req.offset, req.len)
@@ -143,33 +145,6 @@ pub(crate) async fn handle<D: DataDevice>(
     let cap = buf.capacity();
     buf.set_len(cap);
     (completion(res), buf)
-}
-
-/// Write-zeroes with NOUNMAP: zeros are written through the thin in buffer-sized pieces, so
-/// provisioned blocks stay provisioned (a write of zeros to an unprovisioned block allocates
-/// nothing, and it already reads zeros).
-async fn write_zeros_keeping_blocks<D: DataDevice>(
-    thin: &Thin,
-    dev: &D,
-    offset: u64,
-    len: u64,
-    mut buf: IoBuf,
-) -> (Result<(), Failure>, IoBuf) {
-    let cap = buf.capacity() as u64;
-    let cap = cap - cap % thin.block_size_bytes().min(cap);
-    let (mut pos, end) = (offset, offset + len);
-    while pos < end {
-        let n = (end - pos).min(cap);
-        buf.set_len(n as usize);
-        buf.fill(0);
-        let (r, b) = thin.write(dev, pos, buf, false).await;
-        buf = b;
-        if let Err(e) = r {
-            return (Err(e.into()), buf);
-        }
-        pos += n;
-    }
-    (Ok(()), buf)
 }
 
 #[cfg(test)]
