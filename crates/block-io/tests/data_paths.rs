@@ -266,8 +266,9 @@ fn block_device_engines_use_blkzeroout_and_blkdiscard() {
 fn a_grown_file_is_seen_by_every_engine_after_refresh() {
     let file = scratch("grow");
     let data = Arc::new(create_file(&file.0));
-    let dev = UringDataDevice::with_ring(data.clone(), Limits::default(), StandaloneRing::default())
-        .expect("engine");
+    let dev =
+        UringDataDevice::with_ring(data.clone(), Limits::default(), StandaloneRing::default())
+            .expect("engine");
     let past = DataBlock(NR_BLOCKS);
     let (r, _) = block_on(dev.write(past, 0, IoBuf::filled(4096, 7)));
     assert!(r.is_err(), "a block past the end is refused");
@@ -276,7 +277,11 @@ fn a_grown_file_is_seen_by_every_engine_after_refresh() {
         .open(&file.0)
         .and_then(|f| f.set_len((NR_BLOCKS + 3) * BLOCK_SIZE))
         .expect("grow the file");
-    assert_eq!(dev.geometry().nr_blocks, NR_BLOCKS, "nothing changes before refresh");
+    assert_eq!(
+        dev.geometry().nr_blocks,
+        NR_BLOCKS,
+        "nothing changes before refresh"
+    );
     assert_eq!(data.refresh_size().expect("refresh"), NR_BLOCKS + 3);
     assert_eq!(dev.geometry().nr_blocks, NR_BLOCKS + 3);
     let (r, _) = block_on(dev.write(past, 0, IoBuf::filled(4096, 7)));

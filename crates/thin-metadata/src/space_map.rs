@@ -339,8 +339,7 @@ impl SpaceMap {
         let mut len = 0;
         while len < max {
             let b = first + len;
-            if b >= self.nr_blocks || self.get(b) != 0 || self.is_blocked(b) || self.is_claimed(b)
-            {
+            if b >= self.nr_blocks || self.get(b) != 0 || self.is_blocked(b) || self.is_claimed(b) {
                 break;
             }
             if let Some(w) = self.claimed.get_mut((b / 64) as usize) {
