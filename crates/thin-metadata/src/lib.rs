@@ -17,6 +17,9 @@ mod thin;
 mod types;
 pub mod xml;
 
+#[cfg(test)]
+pub(crate) mod test_util;
+
 pub use error::{Error, Result, Space};
 pub use format::DeviceDetails;
 pub use thin::{FormatOptions, PoolStatus, ThinMetadata, MIN_METADATA_BLOCKS};

@@ -112,15 +112,7 @@ impl Store {
 
     /// Reads a raw block from the device.
     pub fn read_raw(&self, b: u64) -> Result<Box<MetaBlock>> {
-        let mut buf = crate::format::zeroed_block();
-        self.dev
-            .read_block(b, &mut buf)
-            .map_err(|source| Error::Io {
-                op: "read",
-                block: b,
-                source,
-            })?;
-        Ok(buf)
+        read_block(&*self.dev, b)
     }
 
     /// The node at `b`, which must be a node of a tree whose leaves hold values of
@@ -215,4 +207,15 @@ impl Store {
             }
         }
     }
+}
+
+/// Reads raw block `b` of `dev`; an I/O error names the block.
+pub(crate) fn read_block(dev: &dyn MetaDevice, b: u64) -> Result<Box<MetaBlock>> {
+    let mut buf = crate::format::zeroed_block();
+    dev.read_block(b, &mut buf).map_err(|source| Error::Io {
+        op: "read",
+        block: b,
+        source,
+    })?;
+    Ok(buf)
 }

@@ -17,8 +17,8 @@ use super::DumpOptions;
 use crate::btree::MAX_HEIGHT;
 use crate::error::{Error, Result};
 use crate::format::{
-    get_u64, unpack_block_time, zeroed_block, DeviceDetails, MetaBlock, Node, NodeKind, Superblock,
-    DETAILS_SIZE, SUPERBLOCK_LOCATION,
+    get_u64, unpack_block_time, DeviceDetails, MetaBlock, Node, NodeKind, Superblock, DETAILS_SIZE,
+    SUPERBLOCK_LOCATION,
 };
 use block_io::MetaDevice;
 use std::io::{BufWriter, Write};
@@ -191,15 +191,7 @@ type Visit<'f> = dyn FnMut(u64, &[u8]) -> Result<()> + 'f;
 
 impl Reader<'_> {
     fn read(&self, b: u64) -> Result<Box<MetaBlock>> {
-        let mut buf = zeroed_block();
-        self.dev
-            .read_block(b, &mut buf)
-            .map_err(|source| Error::Io {
-                op: "read",
-                block: b,
-                source,
-            })?;
-        Ok(buf)
+        crate::store::read_block(self.dev, b)
     }
 
     /// A pointer to a node or superblock copy must name a block of the device other than

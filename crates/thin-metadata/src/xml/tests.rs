@@ -6,23 +6,12 @@
 use super::{dump, restore, CorrectedCount, DumpOptions};
 use crate::check::{check, CheckOptions};
 use crate::error::Error;
-use crate::{DataBlock, FormatOptions, Lookup, ThinId, ThinMetadata, VBlock};
+use crate::{DataBlock, Lookup, ThinId, ThinMetadata, VBlock};
 use block_io::{MemMetaDevice, MetaDevice};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-fn new_pool(nr_meta_blocks: u64, nr_data_blocks: u64) -> (Arc<MemMetaDevice>, ThinMetadata) {
-    let dev = Arc::new(MemMetaDevice::new(nr_meta_blocks));
-    let md = ThinMetadata::format(
-        dev.clone(),
-        FormatOptions {
-            data_block_size_sectors: 128,
-            nr_data_blocks,
-        },
-    )
-    .expect("format");
-    (dev, md)
-}
+use crate::test_util::new_pool;
 
 fn map(md: &ThinMetadata, thin: u32, v: u64) -> DataBlock {
     let b = md.alloc_data_block().expect("data block");

@@ -28,19 +28,7 @@ use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-/// A freshly formatted pool in memory.
-fn new_pool(nr_meta_blocks: u64, nr_data_blocks: u64) -> (Arc<MemMetaDevice>, ThinMetadata) {
-    let dev = Arc::new(MemMetaDevice::new(nr_meta_blocks));
-    let md = ThinMetadata::format(
-        dev.clone(),
-        FormatOptions {
-            data_block_size_sectors: 128,
-            nr_data_blocks,
-        },
-    )
-    .unwrap();
-    (dev, md)
-}
+use crate::test_util::new_pool;
 
 fn check_dev(dev: &MemMetaDevice) -> CheckReport {
     check(dev, &CheckOptions::default())
