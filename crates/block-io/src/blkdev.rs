@@ -43,6 +43,17 @@ pub(crate) fn range_ioctl(file: &File, request: u64, offset: u64, len: u64) -> i
     Ok(())
 }
 
+/// The size in bytes of an open regular file or block device.
+pub fn device_size_bytes(file: &File) -> io::Result<u64> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        block_device_size_bytes(file)
+    } else {
+        Ok(meta.len())
+    }
+}
+
 pub(crate) fn block_device_size_bytes(file: &File) -> io::Result<u64> {
     let mut size_bytes: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at a live,

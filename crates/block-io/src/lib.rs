@@ -12,6 +12,7 @@
 //! range problem is an `io::Error` with a message, never a panic.
 
 mod blkdev;
+pub use blkdev::device_size_bytes;
 pub mod data;
 pub mod meta;
 

@@ -182,21 +182,8 @@ fn is_block_device(path: &Path) -> bool {
 /// Size in bytes of a file or block device.
 pub fn device_size(path: &Path) -> Result<u64> {
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    if is_block_device(path) {
-        let mut size: u64 = 0;
-        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
-        let r = unsafe { libc::ioctl(f.as_raw_fd(), BLKGETSIZE64, &mut size) };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("size of {}", path.display()));
-        }
-        Ok(size)
-    } else {
-        Ok(f.metadata()?.len())
-    }
+    block_io::device_size_bytes(&f).with_context(|| format!("size of {}", path.display()))
 }
-
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
 /// What `pool create` was asked for.
 #[derive(Debug, Clone)]
@@ -309,17 +296,14 @@ pub fn create_pool(dirs: &Dirs, spec: &CreateSpec) -> Result<Sidecar> {
             .with_context(|| format!("creating metadata file {}", spec.metadata.display()))?;
     }
     let lock = lock_pool(dirs, &sidecar)?;
-    let meta: Arc<dyn MetaDevice> = if device_size(&spec.metadata)? > 0 {
+    let have = device_size(&spec.metadata)?;
+    if have > 0 {
         refuse_clobber(&spec.metadata, spec.force)?;
-        let have = device_size(&spec.metadata)?;
-        if have < meta_bytes && !is_block_device(&spec.metadata) {
-            grow_file(&spec.metadata, meta_bytes)?;
-        }
-        Arc::new(FileMetaDevice::open(&spec.metadata)?)
-    } else {
+    }
+    if have < meta_bytes && !is_block_device(&spec.metadata) {
         grow_file(&spec.metadata, meta_bytes)?;
-        Arc::new(FileMetaDevice::open(&spec.metadata)?)
-    };
+    }
+    let meta: Arc<dyn MetaDevice> = Arc::new(FileMetaDevice::open(&spec.metadata)?);
     let pool = Pool::format(
         meta,
         nr_blocks,
