@@ -2,11 +2,18 @@
 //! `HashMap` of `parking_lot::RwLock`s (pre-populated, so it needs no lock of its own; it has
 //! no levels, no upgrade, no range locks, no fairness between readers and writers).
 //!
-//! Figures, each the median of several rounds, in ns per acquire+release:
+//! Figures, in ns per acquire+release, each the median over rounds; each RATIO is the median
+//! of the per-round ratios, ours and the baseline alternating round by round (which goes
+//! first alternates too), so that a noisy neighbour or a frequency change hits both alike:
 //! - uncontended shared and exclusive: one thread cycling through 1024 keys, futures polled
 //!   once with a no-op waker (they never wait);
 //! - two threads contending for one key (shared, then exclusive): wall time over all
-//!   operations of both threads; waiting futures park the thread and are woken by unpark;
+//!   operations of both threads; waiting futures park the thread and are woken by unpark.
+//!   The exclusive case cannot meet its goal by design: the prison is fair (first come,
+//!   first served), so each release hands the lock to the waiting thread, which must be
+//!   woken, while parking_lot's unfair release lets the releasing thread barge back in. The
+//!   FIGURE `prison_exclusive_contended_2t_fair_rwlock_map_ns` is parking_lot with its fair
+//!   release (`unlock_fair`), the like-for-like reference;
 //! - two threads on disjoint keys: what sharding buys;
 //! - uncontended exclusive on ever new keys (`prison_exclusive_distinct_keys`): every lock
 //!   is of a key never locked before, so the prison's idle cells cannot help and each lock
@@ -29,9 +36,13 @@ use parking_lot::RwLock;
 use ublk_thin_benches::{figure, median, ratio, Options};
 
 const NR_KEYS: u64 = 1024;
-const NR_ROUNDS: usize = 5;
+/// Rounds per side; odd, for a plain median.
+const NR_ROUNDS: usize = 9;
 
-/// Polls once with a no-op waker: for futures that must not wait.
+/// Polls once with a no-op waker: for futures that must not wait. Inlined like the
+/// baseline's lock calls (and like an `.await` in an async fn), so that both sides are
+/// measured as the compiler lays them out in a caller, not behind a generic helper call.
+#[inline(always)]
 fn now<F: Future>(fut: F) -> F::Output {
     match pin!(fut).poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(out) => out,
@@ -51,7 +62,8 @@ impl Wake for Unpark {
     }
 }
 
-/// Runs `fut` on this thread, parking while it waits.
+/// Runs `fut` on this thread, parking while it waits; inlined as `now` is.
+#[inline(always)]
 fn block_on<F: Future>(fut: F, waker: &Waker) -> F::Output {
     let mut fut = pin!(fut);
     let mut cx = Context::from_waker(waker);
@@ -73,89 +85,145 @@ fn baseline_map(keys: &[Key]) -> HashMap<Key, RwLock<()>> {
     keys.iter().map(|&k| (k, RwLock::new(()))).collect()
 }
 
-/// ns per iteration of `op`, median over rounds.
-fn per_op(nr_iters: u64, mut op: impl FnMut(u64)) -> f64 {
-    let rounds: Vec<Duration> = (0..NR_ROUNDS)
-        .map(|_| {
-            let start = Instant::now();
-            for i in 0..nr_iters {
-                op(i);
-            }
-            start.elapsed()
-        })
-        .collect();
-    median(rounds).as_nanos() as f64 / nr_iters as f64
+/// One round of `op` on this thread: its time.
+fn round(nr_iters: u64, op: &mut impl FnMut(u64)) -> Duration {
+    let start = Instant::now();
+    for i in 0..nr_iters {
+        op(i);
+    }
+    start.elapsed()
 }
 
-/// ns per operation over both threads, median over rounds; `op(thread, i)`.
-fn per_op_two_threads(nr_iters: u64, op: impl Fn(usize, u64, &Waker) + Sync) -> f64 {
-    let rounds: Vec<Duration> = (0..NR_ROUNDS)
-        .map(|_| {
-            let barrier = Barrier::new(2);
-            let start = Instant::now();
-            thread::scope(|s| {
-                for t in 0..2 {
-                    let (barrier, op) = (&barrier, &op);
-                    s.spawn(move || {
-                        let waker = Waker::from(Arc::new(Unpark(thread::current())));
-                        barrier.wait();
-                        for i in 0..nr_iters {
-                            op(t, i, &waker);
-                        }
-                    });
+/// One round of `op(thread, i)` on two threads at once: the wall time.
+fn round_two_threads(nr_iters: u64, op: &(impl Fn(usize, u64, &Waker) + Sync)) -> Duration {
+    let barrier = Barrier::new(2);
+    let start = Instant::now();
+    thread::scope(|s| {
+        for t in 0..2 {
+            let barrier = &barrier;
+            s.spawn(move || {
+                let waker = Waker::from(Arc::new(Unpark(thread::current())));
+                barrier.wait();
+                for i in 0..nr_iters {
+                    op(t, i, &waker);
                 }
             });
-            start.elapsed()
-        })
-        .collect();
-    median(rounds).as_nanos() as f64 / (2 * nr_iters) as f64
+        }
+    });
+    start.elapsed()
 }
 
-fn report(name: &str, ours: f64, baseline: f64) {
-    figure(&format!("{name}_ns"), ours, "ns");
-    figure(&format!("{name}_rwlock_map_ns"), baseline, "ns");
-    ratio(name, baseline / ours, 1.0);
+/// Runs `ours` and `base` (each returning one round's time for `nr_ops` operations) in
+/// alternating rounds and prints the figures and the ratio.
+fn compare(
+    name: &str,
+    nr_ops: u64,
+    mut ours: impl FnMut() -> Duration,
+    mut base: impl FnMut() -> Duration,
+) {
+    let (mut our_rounds, mut base_rounds, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..NR_ROUNDS {
+        let (o, b) = if r % 2 == 0 {
+            let o = ours();
+            (o, base())
+        } else {
+            let b = base();
+            (ours(), b)
+        };
+        ratios.push(b.as_secs_f64() / o.as_secs_f64());
+        our_rounds.push(o);
+        base_rounds.push(b);
+    }
+    let ns = |rounds: Vec<Duration>| median(rounds).as_nanos() as f64 / nr_ops as f64;
+    figure(&format!("{name}_ns"), ns(our_rounds), "ns");
+    figure(&format!("{name}_rwlock_map_ns"), ns(base_rounds), "ns");
+    ratios.sort_by(f64::total_cmp);
+    ratio(name, ratios[ratios.len() / 2], 1.0);
 }
 
 fn main() {
     let opts = Options::from_args();
-    let nr_iters: u64 = if opts.quick { 20_000 } else { 2_000_000 };
-    let nr_contended: u64 = if opts.quick { 5_000 } else { 300_000 };
+    let nr_iters: u64 = if opts.quick { 20_000 } else { 1_000_000 };
+    let nr_contended: u64 = if opts.quick { 5_000 } else { 200_000 };
     let keys = keys();
     let map = baseline_map(&keys);
     let prison = Prison::new();
     let key = |i: u64| keys[(i % NR_KEYS) as usize];
 
-    let ours = per_op(nr_iters, |i| drop(now(prison.shared(key(i), Access::Read))));
-    let base = per_op(nr_iters, |i| drop(map[&key(i)].read()));
-    report("prison_shared_uncontended", ours, base);
-
-    let ours = per_op(nr_iters, |i| {
-        drop(now(prison.exclusive(key(i), Level::ReadWrite)))
-    });
-    let base = per_op(nr_iters, |i| drop(map[&key(i)].write()));
-    report("prison_exclusive_uncontended", ours, base);
+    compare(
+        "prison_shared_uncontended",
+        nr_iters,
+        || {
+            round(nr_iters, &mut |i| {
+                drop(now(prison.shared(key(i), Access::Read)))
+            })
+        },
+        || round(nr_iters, &mut |i| drop(map[&key(i)].read())),
+    );
+    compare(
+        "prison_exclusive_uncontended",
+        nr_iters,
+        || {
+            round(nr_iters, &mut |i| {
+                drop(now(prison.exclusive(key(i), Level::ReadWrite)))
+            })
+        },
+        || round(nr_iters, &mut |i| drop(map[&key(i)].write())),
+    );
 
     let hot = key(0);
-    let ours = per_op_two_threads(nr_contended, |_, _, w| {
-        drop(block_on(prison.shared(hot, Access::Read), w));
-    });
-    let base = per_op_two_threads(nr_contended, |_, _, _| drop(map[&hot].read()));
-    report("prison_shared_contended_2t", ours, base);
+    compare(
+        "prison_shared_contended_2t",
+        2 * nr_contended,
+        || {
+            round_two_threads(nr_contended, &|_, _, w| {
+                drop(block_on(prison.shared(hot, Access::Read), w));
+            })
+        },
+        || round_two_threads(nr_contended, &|_, _, _| drop(map[&hot].read())),
+    );
+    compare(
+        "prison_exclusive_contended_2t",
+        2 * nr_contended,
+        || {
+            round_two_threads(nr_contended, &|_, _, w| {
+                drop(block_on(prison.exclusive(hot, Level::ReadWrite), w));
+            })
+        },
+        || round_two_threads(nr_contended, &|_, _, _| drop(map[&hot].write())),
+    );
 
-    let ours = per_op_two_threads(nr_contended, |_, _, w| {
-        drop(block_on(prison.exclusive(hot, Level::ReadWrite), w));
-    });
-    let base = per_op_two_threads(nr_contended, |_, _, _| drop(map[&hot].write()));
-    report("prison_exclusive_contended_2t", ours, base);
+    // Context for the line above: the prison is first come, first served, so under this
+    // ping-pong every lock is handed to the other thread, which must be woken; parking_lot is
+    // unfair and lets the releasing thread take it again. Its own fair release shows what
+    // handing over costs there.
+    let fair = median(
+        (0..NR_ROUNDS)
+            .map(|_| {
+                round_two_threads(nr_contended, &|_, _, _| {
+                    parking_lot::RwLockWriteGuard::unlock_fair(map[&hot].write())
+                })
+            })
+            .collect(),
+    );
+    figure(
+        "prison_exclusive_contended_2t_fair_rwlock_map_ns",
+        fair.as_nanos() as f64 / (2 * nr_contended) as f64,
+        "ns",
+    );
 
     // Each thread on its own half of the keys.
     let split = |t: usize, i: u64| key(2 * (i % (NR_KEYS / 2)) + t as u64);
-    let ours = per_op_two_threads(nr_contended, |t, i, w| {
-        drop(block_on(prison.exclusive(split(t, i), Level::ReadWrite), w));
-    });
-    let base = per_op_two_threads(nr_contended, |t, i, _| drop(map[&split(t, i)].write()));
-    report("prison_exclusive_disjoint_2t", ours, base);
+    compare(
+        "prison_exclusive_disjoint_2t",
+        2 * nr_contended,
+        || {
+            round_two_threads(nr_contended, &|t, i, w| {
+                drop(block_on(prison.exclusive(split(t, i), Level::ReadWrite), w));
+            })
+        },
+        || round_two_threads(nr_contended, &|t, i, _| drop(map[&split(t, i)].write())),
+    );
 
     // Every lock on a key not locked before in this benchmark: no idle cell to reuse.
     let nr_distinct = nr_iters.min(1 << 20);
@@ -173,16 +241,30 @@ fn main() {
             key => key,
         }
     };
-    let mut round = 0;
-    let ours = per_op(nr_distinct, |i| {
-        if i == 0 {
-            round += 1;
-        }
-        drop(now(prison.exclusive(fresh(round, i), Level::ReadWrite)))
-    });
-    let base = per_op(nr_distinct, |i| {
-        drop(distinct_map[&distinct[(i % nr_distinct) as usize]].write())
-    });
+    let mut nr_round = 0;
+    let ours = median(
+        (0..NR_ROUNDS)
+            .map(|_| {
+                nr_round += 1;
+                round(nr_distinct, &mut |i| {
+                    drop(now(prison.exclusive(fresh(nr_round, i), Level::ReadWrite)))
+                })
+            })
+            .collect(),
+    )
+    .as_nanos() as f64
+        / nr_distinct as f64;
+    let base = median(
+        (0..NR_ROUNDS)
+            .map(|_| {
+                round(nr_distinct, &mut |i| {
+                    drop(distinct_map[&distinct[(i % nr_distinct) as usize]].write())
+                })
+            })
+            .collect(),
+    )
+    .as_nanos() as f64
+        / nr_distinct as f64;
     // FIGUREs only: the goal is for the recurring keys above; this shows what a lock costs
     // when there is nothing to reuse.
     figure("prison_exclusive_distinct_keys_ns", ours, "ns");

@@ -8,6 +8,7 @@ use std::fmt;
 
 use crate::core::{Core, NIL};
 use crate::key::{Hashed, Key, Mode, ALL_MODES, NR_MODES};
+use crate::slots::{self, is_sealed, Holders, SlotId};
 
 /// Where a check failed, formatted only if it does.
 struct At {
@@ -55,23 +56,7 @@ impl Core {
                 "{at}: holder count is off"
             );
             assert_eq!(in_use, !c.is_unused(), "{at}: in use or not?");
-            assert_eq!(
-                in_use, !c.idle,
-                "{at}: idle while in use, or unused and not idle"
-            );
-            if c.idle {
-                assert_eq!(
-                    c.nr_waiting, [0; NR_MODES],
-                    "{at}: idle with waiters counted"
-                );
-                assert_eq!(c.tail, NIL, "{at}: idle with a queue tail");
-            } else {
-                assert_eq!(
-                    (c.idle_prev, c.idle_next),
-                    (NIL, NIL),
-                    "{at}: linked on the idle list while in use"
-                );
-            }
+            assert!(in_use, "{at}: unused cell not freed");
             for a in ALL_MODES {
                 for b in ALL_MODES {
                     let both = a != b && c.holds(a) && c.holds(b);
@@ -147,7 +132,7 @@ impl Core {
             assert_eq!(c.tail, prev, "{at}: tail is not the last waiter");
             assert_eq!(counts, c.nr_waiting, "{at}: waiting counts are off");
         }
-        self.check_idle(shard);
+        self.check_slots(shard);
         let nr_granted = self.waiters.iter().filter(|(_, w)| w.granted).count();
         assert_eq!(
             nr_queued + nr_granted,
@@ -190,46 +175,69 @@ impl Core {
         }
     }
 
-    /// The idle list: well linked, least recently used first, within its bound, and holding
-    /// exactly the cells marked idle.
-    fn check_idle(&self, shard: usize) {
-        let (mut prev, mut cell, mut nr) = (NIL, self.idle_head, 0);
-        while cell != NIL {
-            let c = self
-                .cells
-                .get(cell as usize)
-                .unwrap_or_else(|| panic!("shard {shard}: idle list links freed cell {cell}"));
+    /// The slot table against the cells: every bound key bound once; an open slot's key has
+    /// no cell and no covering fence; a sealed slot's key has a cell that names the slot and
+    /// counts at least its holders (a slot holder's release reaches the slot before the cell).
+    /// Fast-path holders come and go meanwhile, so each word is checked on its own snapshot.
+    fn check_slots(&self, shard: usize) {
+        let bound: Vec<(SlotId, Key, u64)> = self.slots.bound().collect();
+        for (i, &(slot, key, word)) in bound.iter().enumerate() {
             assert!(
-                c.idle,
-                "shard {shard}: cell {cell} on the idle list is not idle"
+                !bound[..i].iter().any(|&(_, other, _)| other == key),
+                "shard {shard}: {key} bound to two slots"
             );
+            for a in ALL_MODES {
+                for b in ALL_MODES {
+                    let both = a != b && slots::holds(word, a) && slots::holds(word, b);
+                    assert!(
+                        !(both && a.conflicts(b)),
+                        "shard {shard} slot {slot} ({key}): holders {a:?} and {b:?} coexist"
+                    );
+                }
+            }
+            let cell = self.index.get(&Hashed::new(key));
+            if !is_sealed(word) {
+                assert!(
+                    cell.is_none(),
+                    "shard {shard} slot {slot} ({key}): open beside a cell"
+                );
+                assert!(
+                    !self.fence_covers(key),
+                    "shard {shard} slot {slot} ({key}): open under a fence"
+                );
+                continue;
+            }
+            let &cell = cell
+                .unwrap_or_else(|| panic!("shard {shard} slot {slot} ({key}): sealed, no cell"));
+            let c = &self.cells[cell as usize];
             assert_eq!(
-                c.idle_prev, prev,
-                "shard {shard}: idle cell {cell} has a broken back link"
+                c.slot, slot,
+                "shard {shard} cell {cell} ({key}): slot differs"
             );
-            nr += 1;
+            let h = Holders::of(word);
             assert!(
-                nr <= self.nr_idle,
-                "shard {shard}: idle list too long or cyclic"
+                h.nr_shared[0] <= c.nr_shared[0] && h.nr_shared[1] <= c.nr_shared[1],
+                "shard {shard} cell {cell} ({key}): slot has more shared holders"
             );
-            prev = cell;
-            cell = c.idle_next;
+            assert!(
+                !h.upgradable || c.upgradable,
+                "shard {shard} cell {cell} ({key}): slot's upgradable holder lost"
+            );
+            assert!(
+                h.exclusive.is_none() || c.exclusive == h.exclusive,
+                "shard {shard} cell {cell} ({key}): slot's exclusive holder lost"
+            );
         }
-        assert_eq!(
-            self.idle_tail, prev,
-            "shard {shard}: idle tail is not the last"
-        );
-        assert_eq!(nr, self.nr_idle, "shard {shard}: idle count is off");
-        assert!(
-            self.nr_idle <= self.max_idle,
-            "shard {shard}: {} idle cells, above the bound {}",
-            self.nr_idle,
-            self.max_idle
-        );
-        let nr_marked = self.cells.iter().filter(|(_, c)| c.idle).count();
-        assert_eq!(
-            nr_marked, self.nr_idle,
-            "shard {shard}: idle cells off the list"
-        );
+        for (id, c) in self.cells.iter() {
+            if c.slot != NIL {
+                assert!(
+                    bound.iter().any(|&(slot, key, word)| slot == c.slot
+                        && key == c.key
+                        && is_sealed(word)),
+                    "shard {shard} cell {id} ({}): its slot is not sealed with its key",
+                    c.key
+                );
+            }
+        }
     }
 }

@@ -4,13 +4,17 @@
 //! decides who holds what lives here, so the unit tests, the model test, the stress test and
 //! loom all exercise this same code.
 //!
+//! The common case never gets here: a key bound to an open slot of the shard's lock-free
+//! table (`slots`) is locked and released there. The core takes a key over when it must queue
+//! a request, wait for a conversion, or hold it under a range lock (it *seals* the slot and
+//! gives the key a cell that counts the slot's holders too), and keys that find no free slot
+//! live here from the start.
+//!
 //! Invariants (checked by `Core::check`):
-//! - A cell is *in use* while it has a holder, a queued waiter or a pending conversion. A cell
-//!   not in use is *idle*: it stays in the table, on the idle list in least recently used
-//!   order, so that the next lock of its key is a lookup and a state change, not an insert;
-//!   at most `max_idle` cells are idle, beyond that the least recently used one is freed. So a
-//!   shard holds its cells in use plus at most `max_idle` others, and `index` maps the key of
-//!   each to it.
+//! - A cell exists while it has a holder, a queued waiter or a pending conversion, and is freed
+//!   the moment it has none; `index` maps the key of each to it. A cell taken over from a slot
+//!   names it (`slot`); freeing the cell reopens the slot (or vacates it, under a covering
+//!   range lock). So a shard holds its cells in use and its fixed slot table.
 //! - Holders of one cell are pairwise compatible (`Mode::conflicts`), and no granted fence
 //!   covering the cell conflicts with them.
 //! - At most one conversion per cell, and only by its upgradable or exclusive holder; while it is
@@ -32,6 +36,7 @@ use slab::Slab;
 
 use crate::fence::{FencePart, FenceShared};
 use crate::key::{Access, BuildPassHasher, Hashed, Key, Level, Mode, ALL_MODES, NR_MODES};
+use crate::slots::{is_sealed, Holders, SlotId, Slots};
 use crate::sync::Arc;
 
 /// "No waiter" in the intrusive queue links.
@@ -42,11 +47,18 @@ pub(crate) type CellId = u32;
 /// Index of a waiter in `Core::waiters`; stable until the waiter is collected or cancelled.
 pub(crate) type WaiterId = u32;
 
-/// Above this many slots, a shard whose cells all fall idle gives its tables' memory back.
+/// Above this many cells' capacity, a shard whose cells are all freed gives the memory back.
 const SHRINK_ABOVE: usize = 1024;
 
-/// Idle cells a shard keeps by default (`Prison::new`, `Prison::with_shards`).
-pub(crate) const DEFAULT_MAX_IDLE: usize = 128;
+/// Slots of a shard's lock-free table by default (`Prison::new`, `Prison::with_shards`).
+pub(crate) const DEFAULT_SLOTS: usize = 256;
+
+/// Where a granted lock is accounted: an open slot, or a cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Loc {
+    Slot(SlotId),
+    Cell(CellId),
+}
 
 /// The lock state of one key.
 #[derive(Debug)]
@@ -65,10 +77,8 @@ pub(crate) struct Cell {
     pub(crate) tail: WaiterId,
     /// Queued waiters, indexed by `Mode::index`.
     pub(crate) nr_waiting: [u32; NR_MODES],
-    /// On the idle list (not in use); then `idle_prev` and `idle_next` link it.
-    pub(crate) idle: bool,
-    pub(crate) idle_prev: CellId,
-    pub(crate) idle_next: CellId,
+    /// The sealed slot this cell took the key over from, or `NIL`.
+    pub(crate) slot: SlotId,
 }
 
 /// The cell's upgradable holder becoming exclusive, or its exclusive holder raising its level.
@@ -112,27 +122,26 @@ impl Wake {
 /// What `Core::acquire` did with a request.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Acquired {
-    Granted(CellId),
+    Granted(Loc),
     Queued(WaiterId),
     /// Not grantable now and the caller did not want to wait.
     Refused,
 }
 
 impl Cell {
-    fn new(key: Key) -> Cell {
+    /// A cell for `key` with `holders` (those of the slot it takes over, or none).
+    fn new(key: Key, holders: Holders, slot: SlotId) -> Cell {
         Cell {
             key,
-            nr_shared: [0; 2],
-            nr_holders: 0,
-            upgradable: false,
-            exclusive: None,
+            nr_shared: holders.nr_shared,
+            nr_holders: holders.count(),
+            upgradable: holders.upgradable,
+            exclusive: holders.exclusive,
             conversion: None,
             head: NIL,
             tail: NIL,
             nr_waiting: [0; NR_MODES],
-            idle: false,
-            idle_prev: NIL,
-            idle_next: NIL,
+            slot,
         }
     }
 
@@ -232,25 +241,14 @@ impl Cell {
 pub(crate) struct Core {
     pub(crate) index: HashMap<Hashed, CellId, BuildPassHasher>,
     pub(crate) cells: Slab<Cell>,
-    /// The idle list: least recently used first.
-    pub(crate) idle_head: CellId,
-    pub(crate) idle_tail: CellId,
-    pub(crate) nr_idle: usize,
-    pub(crate) max_idle: usize,
-    /// Above this many cell slots, a shard with nothing in use shrinks its tables.
-    shrink_above: usize,
+    /// The shard's lock-free table, which the fast path uses without this core's mutex.
+    pub(crate) slots: Slots,
     pub(crate) waiters: Slab<Waiter>,
     /// Parts of range and thin locks, in `seq` order; usually empty.
     pub(crate) fences: Vec<FencePart>,
     pub(crate) next_seq: u64,
     /// Filled by every operation, drained by the caller after it unlocks the shard.
     pub(crate) wakes: Vec<Wake>,
-}
-
-impl Default for Core {
-    fn default() -> Core {
-        Core::new(DEFAULT_MAX_IDLE)
-    }
 }
 
 fn slot(index: usize) -> u32 {
@@ -261,16 +259,12 @@ fn slot(index: usize) -> u32 {
 }
 
 impl Core {
-    /// An empty shard that keeps up to `max_idle` idle cells.
-    pub(crate) fn new(max_idle: usize) -> Core {
+    /// An empty shard over slot table `slots`.
+    pub(crate) fn new(slots: Slots) -> Core {
         Core {
             index: HashMap::default(),
             cells: Slab::new(),
-            idle_head: NIL,
-            idle_tail: NIL,
-            nr_idle: 0,
-            max_idle,
-            shrink_above: SHRINK_ABOVE.max(max_idle.saturating_mul(2)),
+            slots,
             waiters: Slab::new(),
             fences: Vec::new(),
             next_seq: 0,
@@ -278,41 +272,33 @@ impl Core {
         }
     }
 
-    /// A new request for `key` in `mode`: granted, queued (when a waker is given) or refused.
-    #[inline(always)]
+    /// A new request for `key` in `mode` that the fast path did not grant: granted, queued
+    /// (when a waker is given) or refused.
     pub(crate) fn acquire(&mut self, key: Hashed, mode: Mode, waker: Option<&Waker>) -> Acquired {
-        // The fast path: a key whose cell is idle, or held by nobody. With no holder there is
-        // no conversion either, with no queue nothing to overtake, and with no fence in the
-        // shard nothing else to ask: the request is granted.
-        if let Some(&cell) = self.index.get(&key) {
-            let c = &mut self.cells[cell as usize];
-            if c.nr_holders == 0 && c.head == NIL && self.fences.is_empty() {
-                debug_assert!(c.conversion.is_none(), "{}: conversion by nobody", c.key);
-                if c.idle {
-                    self.unlink_idle(cell);
-                }
-                self.cells[cell as usize].hold(mode);
-                return Acquired::Granted(cell);
-            }
-        }
-        self.acquire_slow(key, mode, waker)
-    }
-
-    /// `acquire` for a new key, a key in use, or a shard with fences.
-    #[inline(never)]
-    fn acquire_slow(&mut self, key: Hashed, mode: Mode, waker: Option<&Waker>) -> Acquired {
         let cell = match self.index.get(&key) {
-            Some(&cell) => {
-                if self.cells[cell as usize].idle {
-                    self.unlink_idle(cell);
+            Some(&cell) => cell,
+            None => match self.slots.find(key) {
+                // Open (a sealed slot's key has a cell): the fast path lost a race, or the
+                // holders conflict. To queue, the core takes the key over.
+                Some((slot, word)) => {
+                    debug_assert!(!is_sealed(word), "{}: sealed without a cell", key.key);
+                    if self.slots.hold_open(slot, mode) {
+                        return Acquired::Granted(Loc::Slot(slot));
+                    }
+                    if waker.is_none() {
+                        return Acquired::Refused;
+                    }
+                    self.take_over(slot, key)
                 }
-                cell
-            }
-            None => {
-                let cell = slot(self.cells.insert(Cell::new(key.key)));
-                self.index.insert(key, cell);
-                cell
-            }
+                None => {
+                    if !self.fence_covers(key.key) {
+                        if let Some(slot) = self.slots.bind(key, mode) {
+                            return Acquired::Granted(Loc::Slot(slot));
+                        }
+                    }
+                    self.new_cell(key, Holders::default(), NIL)
+                }
+            },
         };
         let key = key.key;
         let c = &self.cells[cell as usize];
@@ -321,7 +307,7 @@ impl Core {
             && !self.fence_blocks(key, mode, u64::MAX)
         {
             self.cells[cell as usize].hold(mode);
-            return Acquired::Granted(cell);
+            return Acquired::Granted(Loc::Cell(cell));
         }
         let Some(waker) = waker else {
             self.free_if_unused(cell);
@@ -382,17 +368,44 @@ impl Core {
     }
 
     /// A holder of `cell` in `mode` lets go.
-    #[inline(always)]
     pub(crate) fn release(&mut self, cell: CellId, mode: Mode) {
-        let c = &mut self.cells[cell as usize];
-        c.unhold(mode);
-        // The fast path: the last holder of a cell nobody waits for, in a shard without
-        // fences, has nothing to settle; the cell just falls idle.
-        if c.nr_holders == 0 && c.head == NIL && c.conversion.is_none() && self.fences.is_empty() {
-            self.make_idle(cell);
-            return;
-        }
+        self.cells[cell as usize].unhold(mode);
         self.settle(cell);
+    }
+
+    /// A holder of `key`'s sealed slot has let go there (in `mode`); the cell that took the
+    /// key over still counts it.
+    pub(crate) fn release_sealed(&mut self, key: Key, mode: Mode) {
+        let cell = *self
+            .index
+            .get(&Hashed::new(key))
+            .unwrap_or_else(|| panic!("{key}: sealed slot without a cell"));
+        self.release(cell, mode);
+    }
+
+    /// A holder of `key`'s slot in `mode` becomes a holder of its cell, taking the key over
+    /// if its slot is still open; returns the cell.
+    pub(crate) fn adopt(&mut self, slot: SlotId, key: Key, mode: Mode) -> CellId {
+        let key = Hashed::new(key);
+        let cell = match self.index.get(&key) {
+            Some(&cell) => cell,
+            None => self.take_over(slot, key),
+        };
+        debug_assert_eq!(self.cells[cell as usize].slot, slot, "{}", key.key);
+        self.slots.forget(slot, mode);
+        cell
+    }
+
+    /// Seals `key`'s open slot and gives the key a cell holding what the slot held.
+    pub(crate) fn take_over(&mut self, slot: SlotId, key: Hashed) -> CellId {
+        let holders = self.slots.seal(slot);
+        self.new_cell(key, holders, slot)
+    }
+
+    fn new_cell(&mut self, key: Hashed, holders: Holders, slot: SlotId) -> CellId {
+        let cell = self::slot(self.cells.insert(Cell::new(key.key, holders, slot)));
+        self.index.insert(key, cell);
+        cell
     }
 
     /// A shared holder asks to become the upgradable holder; refused, and left shared, when
@@ -556,132 +569,130 @@ impl Core {
         cell
     }
 
-    /// Puts `cell` on the idle list if it is no longer in use.
-    fn free_if_unused(&mut self, cell: CellId) {
-        if self.cells[cell as usize].is_unused() {
-            self.make_idle(cell);
+    /// Frees `cell` if it is no longer in use, giving its key back to its slot.
+    pub(crate) fn free_if_unused(&mut self, cell: CellId) {
+        if !self.cells[cell as usize].is_unused() {
+            return;
         }
-    }
-
-    /// Puts unused `cell` on the idle list, freeing the least recently used idle cell if that
-    /// makes one too many.
-    #[inline(always)]
-    fn make_idle(&mut self, cell: CellId) {
-        self.link_idle(cell);
-        if self.nr_idle > self.max_idle {
-            self.free_idle(self.idle_head);
+        let c = self.cells.remove(cell as usize);
+        self.index.remove(&Hashed::new(c.key));
+        if c.slot != NIL {
+            // Its holders have all reported: the slot counts none.
+            if self.fence_covers(c.key) {
+                self.slots.vacate(c.slot);
+            } else {
+                self.slots.unseal(c.slot);
+            }
         }
-        if self.cells.capacity() > self.shrink_above && self.nr_idle == self.cells.len() {
+        if self.cells.is_empty() && self.cells.capacity() > SHRINK_ABOVE {
             self.shrink();
         }
     }
 
-    /// Memory follows the locks in use, not the high-water mark of a burst: with nothing in
-    /// use, drop the idle cells too and start again from empty tables.
+    /// Memory follows the locks in use, not the high-water mark of a burst: with no cell in
+    /// use, start again from empty tables.
     #[cold]
     fn shrink(&mut self) {
         self.cells = Slab::new();
         self.index = HashMap::default();
-        (self.idle_head, self.idle_tail, self.nr_idle) = (NIL, NIL, 0);
         if self.waiters.is_empty() {
             self.waiters = Slab::new();
         }
     }
 
-    /// Appends unused `cell` to the idle list, as its most recently used cell.
-    #[inline(always)]
-    fn link_idle(&mut self, cell: CellId) {
-        let tail = self.idle_tail;
-        let c = &mut self.cells[cell as usize];
-        debug_assert!(!c.idle, "{}: idle twice", c.key);
-        c.idle = true;
-        c.idle_prev = tail;
-        c.idle_next = NIL;
-        match tail {
-            NIL => self.idle_head = cell,
-            _ => self.cells[tail as usize].idle_next = cell,
-        }
-        self.idle_tail = cell;
-        self.nr_idle += 1;
-    }
-
-    /// Takes idle `cell` off the idle list: it is about to be used, or freed.
-    #[inline(always)]
-    fn unlink_idle(&mut self, cell: CellId) {
-        let c = &mut self.cells[cell as usize];
-        let (prev, next) = (c.idle_prev, c.idle_next);
-        c.idle = false;
-        c.idle_prev = NIL;
-        c.idle_next = NIL;
-        match prev {
-            NIL => self.idle_head = next,
-            _ => self.cells[prev as usize].idle_next = next,
-        }
-        match next {
-            NIL => self.idle_tail = prev,
-            _ => self.cells[next as usize].idle_prev = prev,
-        }
-        self.nr_idle -= 1;
-    }
-
-    /// Frees idle `cell`.
-    #[inline(never)]
-    fn free_idle(&mut self, cell: CellId) {
-        self.unlink_idle(cell);
-        let c = self.cells.remove(cell as usize);
-        self.index.remove(&Hashed::new(c.key));
-    }
-
-    /// Number of cells in use.
+    /// Number of keys in use: cells, and open slots with holders.
     pub(crate) fn nr_cells(&self) -> usize {
-        self.cells.len() - self.nr_idle
+        let busy_slots = self
+            .slots
+            .bound()
+            .filter(|&(_, _, word)| !is_sealed(word) && Holders::of(word).count() > 0)
+            .count();
+        self.cells.len() + busy_slots
     }
 
-    /// Number of idle cells kept for reuse.
+    /// Number of open slots without holders: keys ready for the fast path.
     pub(crate) fn nr_idle_cells(&self) -> usize {
-        self.nr_idle
+        self.slots
+            .bound()
+            .filter(|&(_, _, word)| !is_sealed(word) && Holders::of(word).count() == 0)
+            .count()
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use std::task::Waker;
 
-    fn lock_and_unlock(core: &mut Core, key: Key) {
-        let mode = Mode::Exclusive(Level::ReadWrite);
-        let Acquired::Granted(cell) = core.acquire(Hashed::new(key), mode, None) else {
-            panic!("{key} not granted");
+    const RW: Mode = Mode::Exclusive(Level::ReadWrite);
+
+    fn core(nr_slots: usize) -> Core {
+        Core::new(Slots::new(nr_slots))
+    }
+
+    fn granted(core: &mut Core, key: Key, mode: Mode) -> Loc {
+        match core.acquire(Hashed::new(key), mode, Some(Waker::noop())) {
+            Acquired::Granted(loc) => loc,
+            other => panic!("{key} {mode:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn free_slots_bind_and_full_buckets_fall_back_to_cells() {
+        let mut core = core(crate::slots::WAYS); // one bucket
+        let keys: Vec<Key> = (0..=crate::slots::WAYS as u64)
+            .map(|v| Key::virt(1, v))
+            .collect();
+        let locs: Vec<Loc> = keys.iter().map(|&k| granted(&mut core, k, RW)).collect();
+        let (last, bound) = locs.split_last().expect("keys");
+        assert!(bound.iter().all(|l| matches!(l, Loc::Slot(_))), "{locs:?}");
+        let &Loc::Cell(cell) = last else {
+            panic!("{locs:?}")
         };
-        core.release(cell, mode);
+        assert_eq!(core.nr_cells(), keys.len());
+        core.check(0);
+        core.release(cell, RW);
+        assert!(core.cells.is_empty(), "an unused cell is freed at once");
         core.check(0);
     }
 
-    fn has_cell(core: &Core, key: Key) -> bool {
-        core.index.contains_key(&Hashed::new(key))
+    #[test]
+    fn a_queued_request_takes_the_key_over_until_it_is_unused() {
+        let mut core = core(2);
+        let key = Key::virt(1, 1);
+        let Loc::Slot(slot) = granted(&mut core, key, RW) else {
+            panic!("no slot")
+        };
+        let Acquired::Queued(w) = core.acquire(Hashed::new(key), RW, Some(Waker::noop())) else {
+            panic!("not queued")
+        };
+        assert_eq!(core.cells.len(), 1, "taken over");
+        assert!(core
+            .slots
+            .find(Hashed::new(key))
+            .is_some_and(|(_, w)| is_sealed(w)));
+        core.check(0);
+        // The slot holder lets go there, and reports to the cell, which grants the waiter.
+        assert!(core.slots.slot(slot).release(RW), "sealed");
+        core.release_sealed(key, RW);
+        let cell = core.poll_waiter(w, Waker::noop()).expect("granted");
+        core.check(0);
+        core.release(cell, RW);
+        assert!(core.cells.is_empty());
+        let (_, word) = core.slots.find(Hashed::new(key)).expect("still bound");
+        assert!(!is_sealed(word), "reopened for the fast path");
+        assert_eq!(core.nr_idle_cells(), 1);
+        core.check(0);
     }
 
     #[test]
-    fn the_least_recently_used_idle_cell_goes_first() {
-        let mut core = Core::new(2);
-        let (a, b, c) = (Key::virt(1, 1), Key::virt(1, 2), Key::data(1));
-        lock_and_unlock(&mut core, a);
-        lock_and_unlock(&mut core, b);
-        lock_and_unlock(&mut core, a); // a is now the most recently used
-        lock_and_unlock(&mut core, c); // so b goes
-        assert!(has_cell(&core, a) && !has_cell(&core, b) && has_cell(&core, c));
-        assert_eq!((core.nr_cells(), core.nr_idle_cells()), (0, 2));
-        lock_and_unlock(&mut core, b); // b comes back in a new cell; a goes
-        assert!(!has_cell(&core, a) && has_cell(&core, b) && has_cell(&core, c));
-        assert_eq!(core.cells.len(), 2);
-    }
-
-    #[test]
-    fn no_idle_cells_when_the_bound_is_zero() {
-        let mut core = Core::new(0);
-        lock_and_unlock(&mut core, Key::virt(0, 0));
-        assert_eq!(
-            (core.cells.len(), core.index.len(), core.nr_idle),
-            (0, 0, 0)
-        );
+    fn no_slots_when_the_bound_is_zero() {
+        let mut core = core(0);
+        let Loc::Cell(cell) = granted(&mut core, Key::virt(0, 0), RW) else {
+            panic!("bound to a slot")
+        };
+        core.release(cell, RW);
+        assert_eq!((core.cells.len(), core.index.len()), (0, 0));
+        assert_eq!(core.slots.nr_slots(), 0);
     }
 }

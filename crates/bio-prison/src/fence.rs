@@ -22,7 +22,8 @@
 use std::task::Waker;
 
 use crate::core::{CellId, Core, Wake};
-use crate::key::{Key, Level, Mode, ThinId};
+use crate::key::{Hashed, Key, Level, Mode, ThinId};
+use crate::slots::{is_sealed, SlotId};
 use crate::sync::Mutex;
 
 /// One shard's share of a fence.
@@ -117,11 +118,26 @@ impl Core {
     }
 
     /// Registers this shard's part of a fence; it may be granted at once (see `wakes`).
+    ///
+    /// First it takes every covered key off the fast path: a covered slot with holders is
+    /// sealed and its key taken over by a cell the fence can wait on; one without is vacated.
+    /// While the fence is registered no covered key binds a slot (`Core::acquire`).
     pub(crate) fn add_fence(&mut self, mut part: FencePart) {
         part.seq = self.next_seq;
         part.granted = false;
         self.next_seq += 1;
+        let covered: Vec<(SlotId, Key)> = self
+            .slots
+            .bound()
+            .filter(|&(_, key, word)| !is_sealed(word) && part.covers(key))
+            .map(|(slot, key, _)| (slot, key))
+            .collect();
         self.fences.push(part);
+        for (slot, key) in covered {
+            let cell = self.take_over(slot, Hashed::new(key));
+            // Without holders it is freed at once, vacating the slot (the fence covers it).
+            self.free_if_unused(cell);
+        }
         self.settle_fences();
     }
 

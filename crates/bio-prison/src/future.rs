@@ -15,8 +15,9 @@ use std::task::{Context, Poll};
 
 use crate::core::{Acquired, WaiterId};
 use crate::fence::{FencePart, FenceShared};
-use crate::guard::{ExclusiveGuard, FenceGuard, Held, SharedGuard, UpgradableGuard};
+use crate::guard::{At, ExclusiveGuard, FenceGuard, Held, SharedGuard, UpgradableGuard};
 use crate::key::{Hashed, Key, Level, Mode, ThinId};
+use crate::slots::Fast;
 use crate::sync::Arc;
 use crate::Prison;
 
@@ -52,48 +53,77 @@ impl<'a> Acquire<'a> {
 
     #[inline(always)]
     fn poll_held(&mut self, cx: &mut Context<'_>) -> Poll<Held<'a>> {
-        let granted = match self.state {
+        let prison = self.prison;
+        let at = match self.state {
             AcquireState::Start => {
-                let (key, mode) = (self.key, self.mode);
-                match self
-                    .prison
-                    .with_core(self.shard, |c| c.acquire(key, mode, Some(cx.waker())))
-                {
-                    Acquired::Granted(cell) => Some(cell),
-                    Acquired::Queued(w) => {
-                        self.state = AcquireState::Queued(w);
-                        None
-                    }
-                    Acquired::Refused => unreachable!("refused although a waker was given"),
+                match prison.slots(self.shard).try_acquire(self.key, self.mode) {
+                    Some((id, slot)) => Some(At::Slot(id, slot)),
+                    None => self.start_slow(cx),
                 }
             }
-            AcquireState::Queued(w) => self
-                .prison
-                .with_core(self.shard, |c| c.poll_waiter(w, cx.waker())),
-            AcquireState::Done => panic!("lock future polled after it completed"),
+            AcquireState::Queued(w) => self.poll_queued(w, cx),
+            AcquireState::Done => polled_after_ready(),
         };
-        match granted {
-            Some(cell) => {
+        match at {
+            Some(at) => {
                 self.state = AcquireState::Done;
-                let (prison, shard, key, mode) = (self.prison, self.shard, self.key.key, self.mode);
                 Poll::Ready(Held {
                     prison,
-                    shard,
-                    cell,
-                    key,
-                    mode,
+                    shard: self.shard,
+                    at,
+                    key: self.key.key,
+                    mode: self.mode,
                 })
             }
             None => Poll::Pending,
         }
     }
+
+    /// Dropped while queued: leave the queue, or give back what was granted meanwhile.
+    #[inline(never)]
+    fn cancel(&mut self, w: WaiterId) {
+        self.prison.with_core(self.shard, |c| c.cancel_waiter(w));
+    }
+
+    /// A later poll of a queued request.
+    #[inline(never)]
+    fn poll_queued(&mut self, w: WaiterId, cx: &mut Context<'_>) -> Option<At<'a>> {
+        self.prison
+            .with_core(self.shard, |c| c.poll_waiter(w, cx.waker()))
+            .map(At::Cell)
+    }
+
+    /// The first poll, when the fast path did not grant: the shard's core decides.
+    #[inline(never)]
+    fn start_slow(&mut self, cx: &mut Context<'_>) -> Option<At<'a>> {
+        let (key, mode) = (self.key, self.mode);
+        match self
+            .prison
+            .with_core(self.shard, |c| c.acquire(key, mode, Some(cx.waker())))
+        {
+            Acquired::Granted(loc) => {
+                Some(Held::new(self.prison, self.shard, loc, key.key, mode).at)
+            }
+            Acquired::Queued(w) => {
+                self.state = AcquireState::Queued(w);
+                None
+            }
+            Acquired::Refused => unreachable!("refused although a waker was given"),
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn polled_after_ready() -> ! {
+    panic!("lock future polled after it completed")
 }
 
 impl Drop for Acquire<'_> {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
         if let AcquireState::Queued(w) = self.state {
-            self.prison.with_core(self.shard, |c| c.cancel_waiter(w));
+            self.cancel(w);
         }
     }
 }
@@ -116,7 +146,7 @@ pub struct ExclusiveFuture<'a>(pub(crate) Acquire<'a>);
 impl<'a> Future for SharedFuture<'a> {
     type Output = SharedGuard<'a>;
 
-    #[inline]
+    #[inline(always)]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.0.poll_held(cx).map(SharedGuard::from_held)
     }
@@ -125,7 +155,7 @@ impl<'a> Future for SharedFuture<'a> {
 impl<'a> Future for UpgradableFuture<'a> {
     type Output = UpgradableGuard<'a>;
 
-    #[inline]
+    #[inline(always)]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.0.poll_held(cx).map(UpgradableGuard::from_held)
     }
@@ -134,7 +164,7 @@ impl<'a> Future for UpgradableFuture<'a> {
 impl<'a> Future for ExclusiveFuture<'a> {
     type Output = ExclusiveGuard<'a>;
 
-    #[inline]
+    #[inline(always)]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.0.poll_held(cx).map(ExclusiveGuard::from_held)
     }
@@ -172,17 +202,34 @@ impl<'a> Future for Convert<'a> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let (held, target) = (self.held, self.target);
-        let done = match self.state {
-            ConvertState::Start => held.prison.with_core(held.shard, |c| {
-                c.begin_conversion(held.cell, target, cx.waker())
-            }),
-            ConvertState::Waiting => held
+        let done = match (self.state, held.at) {
+            (ConvertState::Start, At::Slot(id, slot)) => {
+                match slot.try_convert(held.mode, target) {
+                    Fast::Done => true,
+                    // It must wait, or the core has the key: the core decides, and accounts
+                    // for this holder from now on.
+                    Fast::NotNow | Fast::Sealed => {
+                        let (cell, done) = held.prison.with_core(held.shard, |c| {
+                            let cell = c.adopt(id, held.key, held.mode);
+                            (cell, c.begin_conversion(cell, target, cx.waker()))
+                        });
+                        self.held = held.in_cell(cell);
+                        done
+                    }
+                }
+            }
+            (ConvertState::Start, At::Cell(cell)) => held
                 .prison
-                .with_core(held.shard, |c| c.poll_conversion(held.cell, cx.waker())),
-            ConvertState::Done => panic!("conversion future polled after it completed"),
+                .with_core(held.shard, |c| c.begin_conversion(cell, target, cx.waker())),
+            (ConvertState::Waiting, At::Cell(cell)) => held
+                .prison
+                .with_core(held.shard, |c| c.poll_conversion(cell, cx.waker())),
+            (ConvertState::Waiting, At::Slot(..)) => unreachable!("waiting conversion on a slot"),
+            (ConvertState::Done, _) => panic!("conversion future polled after it completed"),
         };
         if done {
             self.state = ConvertState::Done;
+            let held = self.held;
             Poll::Ready(ExclusiveGuard::from_held(held.now(Mode::Exclusive(target))))
         } else {
             self.state = ConvertState::Waiting;
@@ -194,16 +241,14 @@ impl<'a> Future for Convert<'a> {
 impl Drop for Convert<'_> {
     fn drop(&mut self) {
         let held = self.held;
-        match self.state {
-            ConvertState::Start => {
+        match (self.state, held.at) {
+            (ConvertState::Start, _) => held.release(),
+            (ConvertState::Waiting, At::Cell(cell)) => {
                 held.prison
-                    .with_core(held.shard, |c| c.release(held.cell, held.mode));
+                    .with_core(held.shard, |c| c.cancel_conversion(cell));
             }
-            ConvertState::Waiting => {
-                held.prison
-                    .with_core(held.shard, |c| c.cancel_conversion(held.cell));
-            }
-            ConvertState::Done => {}
+            (ConvertState::Waiting, At::Slot(..)) => unreachable!("waiting conversion on a slot"),
+            (ConvertState::Done, _) => {}
         }
     }
 }

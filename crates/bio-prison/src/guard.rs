@@ -1,42 +1,94 @@
 //! Guards: a held lock, released when dropped.
 //!
 //! Invariants:
-//! - Each guard owns exactly one hold on one cell (`Held`) in the mode its type says, or one
-//!   fence; dropping it gives that back and wakes whoever it held back.
+//! - Each guard owns exactly one hold on one key (`Held`), in a slot or a cell, in the mode its
+//!   type says, or one fence; dropping it gives that back and wakes whoever it held back. A
+//!   hold moves from a slot to its key's cell (`Core::adopt`) when the core must decide a
+//!   change of mode, and never back.
 //! - Methods that change the mode consume the guard and hand the hold on (`forget` disarms the
 //!   old guard's drop), so a hold is never released twice or leaked.
 
 use std::fmt;
 use std::mem;
 
-use crate::core::CellId;
+use crate::core::{CellId, Loc};
 use crate::error::{Error, Result};
 use crate::fence::FenceShared;
 use crate::future::Convert;
 use crate::key::{Access, Key, Level, Mode, ThinId};
+use crate::slots::{Fast, Slot, SlotId};
 use crate::sync::Arc;
 use crate::Prison;
 
-/// One hold on one cell: where it is and in which mode.
+/// One hold on one key: where it is accounted and in which mode.
 #[derive(Clone, Copy)]
 pub(crate) struct Held<'a> {
     pub(crate) prison: &'a Prison,
     pub(crate) shard: u32,
-    pub(crate) cell: CellId,
+    pub(crate) at: At<'a>,
     pub(crate) key: Key,
     pub(crate) mode: Mode,
 }
 
-impl Held<'_> {
-    #[inline]
-    fn release(self) {
+/// Where a hold is accounted: a slot (with a reference to it, for the lock-free release), or
+/// a cell.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum At<'a> {
+    Slot(SlotId, &'a Slot),
+    Cell(CellId),
+}
+
+impl<'a> Held<'a> {
+    /// A hold granted at `loc` (as the core says it).
+    pub(crate) fn new(prison: &'a Prison, shard: u32, loc: Loc, key: Key, mode: Mode) -> Self {
+        let at = match loc {
+            Loc::Slot(id) => At::Slot(id, prison.slots(shard).slot(id)),
+            Loc::Cell(cell) => At::Cell(cell),
+        };
+        Held {
+            prison,
+            shard,
+            at,
+            key,
+            mode,
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn release(self) {
+        match self.at {
+            At::Slot(_, slot) => {
+                if slot.release(self.mode) {
+                    self.release_sealed();
+                }
+            }
+            At::Cell(cell) => self.release_cell(cell),
+        }
+    }
+
+    #[inline(never)]
+    fn release_cell(self, cell: CellId) {
         self.prison
-            .with_core(self.shard, |core| core.release(self.cell, self.mode));
+            .with_core(self.shard, |core| core.release(cell, self.mode));
+    }
+
+    #[inline(never)]
+    fn release_sealed(self) {
+        self.prison
+            .with_core(self.shard, |core| core.release_sealed(self.key, self.mode));
     }
 
     /// The same hold, now in `mode`, after the core changed it.
     pub(crate) fn now(self, mode: Mode) -> Self {
         Held { mode, ..self }
+    }
+
+    /// The same hold, now accounted in `cell`.
+    pub(crate) fn in_cell(self, cell: CellId) -> Self {
+        Held {
+            at: At::Cell(cell),
+            ..self
+        }
     }
 }
 
@@ -93,16 +145,31 @@ impl<'a> SharedGuard<'a> {
     pub fn try_upgradable(self) -> std::result::Result<UpgradableGuard<'a>, SharedGuard<'a>> {
         let held = self.held;
         let access = self.access();
-        if held
-            .prison
-            .with_core(held.shard, |core| core.try_upgradable(held.cell, access))
-        {
-            mem::forget(self);
+        let (held, upgraded) = match held.at {
+            At::Slot(id, slot) => match slot.try_upgradable(access) {
+                Fast::Done => (held, true),
+                Fast::NotNow => (held, false),
+                Fast::Sealed => {
+                    let (cell, upgraded) = held.prison.with_core(held.shard, |core| {
+                        let cell = core.adopt(id, held.key, held.mode);
+                        (cell, core.try_upgradable(cell, access))
+                    });
+                    (held.in_cell(cell), upgraded)
+                }
+            },
+            At::Cell(cell) => (
+                held,
+                held.prison
+                    .with_core(held.shard, |core| core.try_upgradable(cell, access)),
+            ),
+        };
+        mem::forget(self);
+        if upgraded {
             Ok(UpgradableGuard {
                 held: held.now(Mode::Upgradable),
             })
         } else {
-            Err(self)
+            Err(SharedGuard { held })
         }
     }
 
@@ -189,21 +256,21 @@ impl<'a> ExclusiveGuard<'a> {
 }
 
 impl Drop for SharedGuard<'_> {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
         self.held.release();
     }
 }
 
 impl Drop for UpgradableGuard<'_> {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
         self.held.release();
     }
 }
 
 impl Drop for ExclusiveGuard<'_> {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
         self.held.release();
     }
@@ -260,9 +327,25 @@ impl Drop for FenceGuard<'_> {
 /// Turns an upgradable or exclusive hold into a shared one doing `access`; the one path both
 /// guards' `downgrade` take.
 fn downgrade(held: Held<'_>, access: Access) -> SharedGuard<'_> {
-    held.prison.with_core(held.shard, |core| {
-        core.downgrade(held.cell, held.mode, access)
-    });
+    let held = match held.at {
+        At::Slot(id, slot) => match slot.try_downgrade(held.mode, access) {
+            Fast::Done => held,
+            Fast::NotNow | Fast::Sealed => {
+                // Sealed: waiters may be let in, which is the core's to decide.
+                let cell = held.prison.with_core(held.shard, |core| {
+                    let cell = core.adopt(id, held.key, held.mode);
+                    core.downgrade(cell, held.mode, access);
+                    cell
+                });
+                held.in_cell(cell)
+            }
+        },
+        At::Cell(cell) => {
+            held.prison
+                .with_core(held.shard, |core| core.downgrade(cell, held.mode, access));
+            held
+        }
+    };
     SharedGuard {
         held: held.now(Mode::Shared(access)),
     }

@@ -21,6 +21,9 @@ pub struct VBlock(pub u64);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DBlock(pub u64);
 
+/// `Key::words`' first word for a data key: above every thin id.
+const DATA_TAG: u64 = 1 << 32;
+
 /// The thing a single-block lock protects.
 ///
 /// Ranges of virtual blocks and whole thins are locked with
@@ -51,7 +54,29 @@ impl Key {
     fn words(self) -> (u64, u64) {
         match self {
             Key::Virtual(ThinId(thin), VBlock(vblock)) => (u64::from(thin), vblock),
-            Key::Data(DBlock(dblock)) => (1 << 32, dblock),
+            Key::Data(DBlock(dblock)) => (DATA_TAG, dblock),
+        }
+    }
+
+    /// The key in one word, for the lock-free slots: a data block below 2^63 with the top
+    /// bit set, or a thin id below 2^23 and a virtual block below 2^40 (2^56 bytes of thin
+    /// at the smallest block size) with it clear. `None` beyond that.
+    #[inline(always)]
+    pub(crate) fn packed(self) -> Option<u64> {
+        match self {
+            Key::Virtual(ThinId(thin), VBlock(vblock)) => {
+                (thin < 1 << 23 && vblock < 1 << 40).then(|| u64::from(thin) << 40 | vblock)
+            }
+            Key::Data(DBlock(dblock)) => (dblock < 1 << 63).then_some(1 << 63 | dblock),
+        }
+    }
+
+    /// The key `packed` packed.
+    pub(crate) fn unpack(word: u64) -> Key {
+        if word >> 63 == 1 {
+            Key::data(word & !(1 << 63))
+        } else {
+            Key::virt((word >> 40) as u32, word & ((1 << 40) - 1))
         }
     }
 
@@ -263,5 +288,26 @@ mod tests {
         }
         assert!(seen.iter().all(|&n| (60..140).contains(&n)), "{seen:?}");
         assert_ne!(Key::virt(0, 5), Key::data(5));
+    }
+
+    #[test]
+    fn keys_pack_exactly_or_not_at_all() {
+        let fits = [
+            Key::virt(0, 0),
+            Key::virt((1 << 23) - 1, (1 << 40) - 1),
+            Key::data(0),
+            Key::data((1 << 63) - 1),
+        ];
+        for key in fits {
+            assert_eq!(key.packed().map(Key::unpack), Some(key));
+        }
+        assert_ne!(Key::virt(0, 5).packed(), Key::data(5).packed());
+        for key in [
+            Key::virt(1 << 23, 0),
+            Key::virt(0, 1 << 40),
+            Key::data(1 << 63),
+        ] {
+            assert_eq!(key.packed(), None, "{key}");
+        }
     }
 }

@@ -34,9 +34,12 @@
 //!   no waiter queued, and lets through whoever it was holding back. Every guard releases on
 //!   drop.
 //! - Memory is proportional to the locks in use and the requests waiting, plus a constant:
-//!   cells are created on first use, recycled in a slab, and when their last holder and waiter
-//!   leave they are kept idle for the next lock of their key, at most
-//!   `DEFAULT_IDLE_CELLS_PER_SHARD` per shard (least recently used ones are freed first).
+//!   each shard's fixed table of slots (`DEFAULT_IDLE_CELLS_PER_SHARD` by default), which
+//!   keeps the keys locked recently, and cells for the keys in use that need more than a slot
+//!   (a queue, a waiting conversion, a range lock over them, a full bucket), recycled in a
+//!   slab and freed as soon as their last holder and waiter leave.
+//! - The uncontended path takes no mutex: one compare-and-swap on the key's slot to lock, one
+//!   fetch-and-sub to release (`slots`).
 #![forbid(unsafe_code)]
 
 mod check;
@@ -46,6 +49,7 @@ mod fence;
 mod future;
 mod guard;
 mod key;
+mod slots;
 mod sync;
 
 use std::fmt;
@@ -60,15 +64,17 @@ use crate::core::{Acquired, Core};
 use crate::future::Acquire;
 use crate::guard::Held;
 use crate::key::{Hashed, Mode};
+use crate::slots::Slots;
 use crate::sync::Mutex;
 
 /// Shards of a `Prison::new()`: enough that queue threads rarely meet on one mutex.
 pub const DEFAULT_NR_SHARDS: usize = 16;
 /// The most shards a prison will have; a range or thin lock visits every one.
 pub const MAX_NR_SHARDS: usize = 1024;
-/// Idle cells each shard of a `Prison::new()` keeps: cells of recently unlocked keys, so that
-/// locking such a key again is a lookup and a state change instead of an insert and a remove.
-pub const DEFAULT_IDLE_CELLS_PER_SHARD: usize = crate::core::DEFAULT_MAX_IDLE;
+/// Slots in each shard's lock-free table for a `Prison::new()`: a key bound to a slot is
+/// locked and released without the shard's mutex, and an unlocked key keeps its slot (idle)
+/// until another key of its bucket needs it.
+pub const DEFAULT_IDLE_CELLS_PER_SHARD: usize = crate::core::DEFAULT_SLOTS;
 
 /// The lock table: single-block cells spread over mutex-protected shards by key hash, plus the
 /// range and thin locks that span them.
@@ -83,6 +89,8 @@ pub struct Prison {
 /// bounce each other's mutex.
 #[repr(align(128))]
 struct Shard {
+    /// The lock-free table, also the core's (`Core::slots`).
+    slots: Slots,
     core: Mutex<Core>,
 }
 
@@ -111,15 +119,20 @@ impl Prison {
         Prison::with_shards_and_idle_cells(nr_shards, DEFAULT_IDLE_CELLS_PER_SHARD)
     }
 
-    /// A prison with `nr_shards` shards (as in `with_shards`), each keeping at most
-    /// `idle_cells` cells of unlocked keys for reuse; 0 frees every cell as soon as it is
-    /// unused. Locking behaves the same whatever the bound; only speed and memory differ.
+    /// A prison with `nr_shards` shards (as in `with_shards`), each with a lock-free table of
+    /// `idle_cells` slots (rounded up to whole buckets of two, a power of two of them); 0 sends
+    /// every lock through the shard's mutex. Locking behaves the same whatever the size; only
+    /// speed and memory differ.
     pub fn with_shards_and_idle_cells(nr_shards: usize, idle_cells: usize) -> Prison {
         let nr_shards = nr_shards.clamp(1, MAX_NR_SHARDS).next_power_of_two();
         Prison {
             shards: (0..nr_shards)
-                .map(|_| Shard {
-                    core: Mutex::new(Core::new(idle_cells)),
+                .map(|_| {
+                    let slots = Slots::new(idle_cells);
+                    Shard {
+                        core: Mutex::new(Core::new(slots.clone())),
+                        slots,
+                    }
                 })
                 .collect(),
             fence_registry: Mutex::new(0),
@@ -205,8 +218,8 @@ impl Prison {
         self.shards.iter().map(|s| s.core.lock().nr_cells()).sum()
     }
 
-    /// Number of idle cells: kept for keys that were locked recently and are not locked now.
-    /// At most `nr_shards()` times the per-shard bound.
+    /// Number of idle slots: bound to keys that were locked recently and are not locked now.
+    /// At most `nr_shards()` times the per-shard table size.
     pub fn nr_idle_cells(&self) -> usize {
         self.shards
             .iter()
@@ -232,16 +245,24 @@ impl Prison {
     fn try_acquire(&self, key: Key, mode: Mode) -> Option<Held<'_>> {
         let key = Hashed::new(key);
         let shard = self.shard_of(key);
-        match self.with_core(shard, |core| core.acquire(key, mode, None)) {
-            Acquired::Granted(cell) => Some(Held {
+        if let Some((id, slot)) = self.slots(shard).try_acquire(key, mode) {
+            return Some(Held {
                 prison: self,
                 shard,
-                cell,
+                at: guard::At::Slot(id, slot),
                 key: key.key,
                 mode,
-            }),
+            });
+        }
+        match self.with_core(shard, |core| core.acquire(key, mode, None)) {
+            Acquired::Granted(loc) => Some(Held::new(self, shard, loc, key.key, mode)),
             Acquired::Queued(_) | Acquired::Refused => None,
         }
+    }
+
+    #[inline(always)]
+    fn slots(&self, shard: u32) -> &Slots {
+        &self.shards[shard as usize].slots
     }
 
     #[inline]

@@ -37,9 +37,13 @@ struct Shared {
     writers: AtomicUsize,
 }
 
+/// Slots per shard in the models: one bucket, so the lock-free table is small enough to
+/// model, and full enough that keys compete for it.
+const NR_SLOTS: usize = 4;
+
 fn setup(nr_shards: usize) -> Arc<Shared> {
     Arc::new(Shared {
-        prison: Prison::with_shards(nr_shards),
+        prison: Prison::with_shards_and_idle_cells(nr_shards, NR_SLOTS),
         exclusive: AtomicUsize::new(0),
         exclusive_rw: AtomicUsize::new(0),
         readers: AtomicUsize::new(0),
@@ -241,6 +245,106 @@ fn cancelled_thin_lock_lets_blocks_through() {
         });
         drop(held);
         quitter.join().unwrap();
+        writer.join().unwrap();
+        s.finish();
+    });
+}
+
+/// Locks and unlocks `key`, leaving it idle in a slot (if its bucket had room).
+fn leave_idle(s: &Shared, key: Key) {
+    drop(s.prison.try_exclusive(key, Level::ReadWrite).expect("free"));
+}
+
+#[test]
+fn a_slot_evicted_under_a_fast_acquire_never_mixes_keys() {
+    loom::model(|| {
+        let s = setup(1);
+        // Fill the one bucket with idle keys, K among them.
+        for v in 0..NR_SLOTS as u64 {
+            leave_idle(&s, Key::virt(1, v));
+        }
+        let locker = |key: Key, counts: bool| {
+            let s = s.clone();
+            thread::spawn(move || {
+                block_on(async {
+                    let g = s.prison.exclusive(key, Level::ReadWrite).await;
+                    if counts {
+                        s.enter_exclusive(false);
+                        s.leave_exclusive(false);
+                    }
+                    drop(g);
+                })
+            })
+        };
+        // A new key binds by evicting an idle one, maybe K's, while two threads lock K.
+        let threads = [locker(K, true), locker(Key::virt(1, 99), false)];
+        block_on(async {
+            let g = s.prison.exclusive(K, Level::ReadWrite).await;
+            s.enter_exclusive(false);
+            s.leave_exclusive(false);
+            drop(g);
+        });
+        for t in threads {
+            t.join().unwrap();
+        }
+        s.finish();
+    });
+}
+
+#[test]
+fn a_downgrade_on_a_sealed_slot_lets_the_queue_in() {
+    loom::model(|| {
+        let s = setup(1);
+        leave_idle(&s, K);
+        let e = s.prison.try_exclusive(K, Level::ReadWrite).expect("free");
+        let s1 = s.clone();
+        let reader = thread::spawn(move || {
+            block_on(async {
+                let r = s1.prison.shared(K, Access::Read).await;
+                s1.readers.fetch_add(1, SeqCst);
+                assert_eq!(s1.exclusive_rw.load(SeqCst), 0, "reader beside read-write");
+                s1.readers.fetch_sub(1, SeqCst);
+                drop(r);
+            })
+        });
+        s.enter_exclusive(false);
+        s.leave_exclusive(false);
+        // The reader may have queued (sealing the slot) or not yet: either way it gets in.
+        let r = e.downgrade(Access::Read);
+        drop(r);
+        reader.join().unwrap();
+        s.finish();
+    });
+}
+
+#[test]
+fn a_range_lock_takes_an_idle_slot_from_a_racing_writer() {
+    loom::model(|| {
+        let s = setup(1);
+        leave_idle(&s, K);
+        let s1 = s.clone();
+        let writer = thread::spawn(move || {
+            block_on(async {
+                let g = s1.prison.shared(K, Access::Write).await;
+                s1.writers.fetch_add(1, SeqCst);
+                assert_eq!(s1.exclusive.load(SeqCst), 0, "writer inside a range lock");
+                s1.writers.fetch_sub(1, SeqCst);
+                drop(g);
+            })
+        });
+        block_on(async {
+            let f = s
+                .prison
+                .exclusive_range(
+                    ThinId(1),
+                    bio_prison::VBlock(0)..bio_prison::VBlock(4),
+                    Level::Write,
+                )
+                .await;
+            s.enter_exclusive(true);
+            s.leave_exclusive(true);
+            drop(f);
+        });
         writer.join().unwrap();
         s.finish();
     });
