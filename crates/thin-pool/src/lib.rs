@@ -30,6 +30,7 @@
 //! ```
 
 mod background;
+mod bufs;
 mod commit;
 mod config;
 mod error;

@@ -23,6 +23,7 @@ use block_io::MetaDevice;
 use parking_lot::{Condvar, Mutex};
 use thin_metadata::{FormatOptions, Space, ThinId, ThinMetadata};
 
+use crate::bufs::CopyBufs;
 use crate::config::PoolConfig;
 use crate::error::{PoolError, Result};
 use crate::event::Event;
@@ -100,6 +101,8 @@ pub(crate) struct Shared {
     pub refill_stalled_at: AtomicU64,
     /// Bumped by each `grow_data`: background threads reopen their data device.
     pub data_grown: AtomicU64,
+    /// Buffers for copies that carry a write.
+    pub copy_bufs: CopyBufs,
 }
 
 impl std::fmt::Debug for Shared {
@@ -224,6 +227,7 @@ impl Pool {
             cuts_in_progress: AtomicU64::new(0),
             cut_seq: AtomicU64::new(0),
             cut_durable: AtomicU64::new(0),
+            copy_bufs: CopyBufs::new(geometry.block_size_bytes),
         });
         if st.needs_check {
             shared.set_mode(

@@ -374,7 +374,8 @@ impl Thin {
     }
 
     /// breakSharing: copy (unless the write covers the block) and write into a new block
-    /// while readers go on with the old one, then drain them and switch the mapping.
+    /// while readers go on with the old one, then drain them and switch the mapping. The
+    /// write rides on the copy where the block fits a buffer (`bufs.rs`).
     async fn break_sharing<D: DataDevice>(
         &self,
         dev: &D,
@@ -394,17 +395,26 @@ impl Thin {
         let (lo, hi) = (old.0.min(new.0), old.0.max(new.0));
         let _lo = s.prison.exclusive(Key::data(lo), Level::ReadWrite).await;
         let _hi = s.prison.exclusive(Key::data(hi), Level::ReadWrite).await;
-        if full {
+        let (r, buf) = if full {
             bump(&s.counters.breaks_full);
+            dev.write(bd(new), p.offset, buf).await
         } else {
-            if let Err(e) = dev.copy_block(bd(old), bd(new)).await {
-                s.give_back(fresh);
-                return (Err(PoolError::DataIo(e)), buf);
+            let (r, buf) = match s.copy_bufs.take() {
+                Some(block_buf) => (
+                    copy_with_write(s, dev, old, new, p, &buf, block_buf).await,
+                    buf,
+                ),
+                None => match dev.copy_block(bd(old), bd(new)).await {
+                    Ok(()) => dev.write(bd(new), p.offset, buf).await,
+                    Err(e) => (Err(e), buf),
+                },
+            };
+            if r.is_ok() {
+                bump(&s.counters.copies);
+                bump(&self.ts.counters.copies);
             }
-            bump(&s.counters.copies);
-            bump(&self.ts.counters.copies);
-        }
-        let (r, buf) = dev.write(bd(new), p.offset, buf).await;
+            (r, buf)
+        };
         if let Err(e) = r {
             s.give_back(fresh);
             return (Err(PoolError::DataIo(e)), buf);
@@ -607,6 +617,33 @@ impl Thin {
             dev.flush().await.map_err(PoolError::DataIo)
         }
     }
+}
+
+/// Copies data block `old` to `new` with the write `p` (bytes `data`) laid over the copy: one
+/// read and one write of the whole block through `block_buf`, which is kept for reuse after.
+/// (The copy's write and the request's would be two writes to the same block.)
+async fn copy_with_write<D: DataDevice>(
+    s: &Shared,
+    dev: &D,
+    old: DataBlock,
+    new: DataBlock,
+    p: &Part,
+    data: &[u8],
+    block_buf: IoBuf,
+) -> std::io::Result<()> {
+    let (r, mut block_buf) = dev.read(bd(old), 0, block_buf).await;
+    let r = match r {
+        Ok(()) => {
+            let at = p.offset as usize;
+            block_buf[at..at + data.len()].copy_from_slice(data);
+            let (r, b) = dev.write(bd(new), 0, block_buf).await;
+            block_buf = b;
+            r
+        }
+        Err(e) => Err(e),
+    };
+    s.copy_bufs.put(block_buf);
+    r
 }
 
 /// The virtual blocks `[first, end)` that `parts` cover whole (they are contiguous: only
