@@ -272,6 +272,24 @@ impl SyncDataDevice {
         }
     }
 
+    /// `read` or `write`: checks the range, then one operation.
+    async fn checked_rw(
+        &self,
+        write: bool,
+        block: DataBlock,
+        offset_bytes: u64,
+        buf: IoBuf,
+    ) -> BufResult<()> {
+        match self
+            .geometry()
+            .check_io(block, offset_bytes, buf.len() as u64)
+        {
+            Ok(_) if buf.is_empty() => (Ok(()), buf),
+            Ok(pos) => self.rw(write, pos, buf).await,
+            Err(e) => (Err(e), buf),
+        }
+    }
+
     async fn rw(&self, write: bool, pos: u64, buf: IoBuf) -> BufResult<()> {
         let permit = self.limiter.acquire(buf.len()).await;
         let file = Arc::clone(&self.file);
@@ -340,25 +358,11 @@ impl DataDevice for SyncDataDevice {
     }
 
     async fn read(&self, block: DataBlock, offset_bytes: u64, buf: IoBuf) -> BufResult<()> {
-        match self
-            .geometry()
-            .check_io(block, offset_bytes, buf.len() as u64)
-        {
-            Ok(_) if buf.is_empty() => (Ok(()), buf),
-            Ok(pos) => self.rw(false, pos, buf).await,
-            Err(e) => (Err(e), buf),
-        }
+        self.checked_rw(false, block, offset_bytes, buf).await
     }
 
     async fn write(&self, block: DataBlock, offset_bytes: u64, buf: IoBuf) -> BufResult<()> {
-        match self
-            .geometry()
-            .check_io(block, offset_bytes, buf.len() as u64)
-        {
-            Ok(_) if buf.is_empty() => (Ok(()), buf),
-            Ok(pos) => self.rw(true, pos, buf).await,
-            Err(e) => (Err(e), buf),
-        }
+        self.checked_rw(true, block, offset_bytes, buf).await
     }
 
     async fn read_vectored(

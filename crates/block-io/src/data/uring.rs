@@ -142,6 +142,29 @@ impl<R: RingSubmitter> UringDataDevice<R> {
     }
 
     /// Reads or writes all of `buf` at device offset `pos`, under `permit`.
+    /// `read` or `write`: checks the range, then one operation within the in-flight budget.
+    async fn checked_rw(
+        &self,
+        write: bool,
+        block: DataBlock,
+        offset_bytes: u64,
+        buf: IoBuf,
+    ) -> BufResult<()> {
+        let pos = match self
+            .geometry()
+            .check_io(block, offset_bytes, buf.len() as u64)
+        {
+            Ok(pos) => pos,
+            Err(e) => return (Err(e), buf),
+        };
+        if buf.is_empty() {
+            return (Ok(()), buf);
+        }
+        let permit = self.limiter.acquire(buf.len()).await;
+        let (res, buf, _permit) = self.rw(write, pos, buf, permit).await;
+        (res, buf)
+    }
+
     async fn rw(
         &self,
         write: bool,
@@ -345,35 +368,11 @@ impl<R: RingSubmitter> DataDevice for UringDataDevice<R> {
     }
 
     async fn read(&self, block: DataBlock, offset_bytes: u64, buf: IoBuf) -> BufResult<()> {
-        let pos = match self
-            .geometry()
-            .check_io(block, offset_bytes, buf.len() as u64)
-        {
-            Ok(pos) => pos,
-            Err(e) => return (Err(e), buf),
-        };
-        if buf.is_empty() {
-            return (Ok(()), buf);
-        }
-        let permit = self.limiter.acquire(buf.len()).await;
-        let (res, buf, _permit) = self.rw(false, pos, buf, permit).await;
-        (res, buf)
+        self.checked_rw(false, block, offset_bytes, buf).await
     }
 
     async fn write(&self, block: DataBlock, offset_bytes: u64, buf: IoBuf) -> BufResult<()> {
-        let pos = match self
-            .geometry()
-            .check_io(block, offset_bytes, buf.len() as u64)
-        {
-            Ok(pos) => pos,
-            Err(e) => return (Err(e), buf),
-        };
-        if buf.is_empty() {
-            return (Ok(()), buf);
-        }
-        let permit = self.limiter.acquire(buf.len()).await;
-        let (res, buf, _permit) = self.rw(true, pos, buf, permit).await;
-        (res, buf)
+        self.checked_rw(true, block, offset_bytes, buf).await
     }
 
     async fn read_vectored(
