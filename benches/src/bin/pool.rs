@@ -25,8 +25,10 @@
 //!   no goal for it; it shows what the reserve saves.
 //! - `break_sharing`: 4 KiB writes to the origin, each into a different block shared with a
 //!   snapshot (copy 64 KiB, then write). Raw per operation: read 64 KiB from the old block,
-//!   write it to the new one, write 4 KiB into the new one, at the same positions. In rounds:
-//!   snapshot, break, delete the snapshot and let the background free it (untimed). Goal 0.9.
+//!   write it to the new one, write 4 KiB into the new one, at the same positions (the pool
+//!   lays the 4 KiB over the copy and writes the block once: raw is the naive copy-plus-write
+//!   the issue measures against, not a mirror of the pool's I/O). In rounds: snapshot, break,
+//!   delete the snapshot and let the background free it (untimed). Goal 0.9.
 //! - `flush_p99`: 31 tasks of random 4 KiB overwrites of provisioned blocks plus one task
 //!   flushing in a loop; each `Thin::flush`'s latency. Raw: 31 write slots plus one slot
 //!   issuing `fdatasync` (IORING_OP_FSYNC with DATASYNC) in a loop. RATIO value = raw p99 /
