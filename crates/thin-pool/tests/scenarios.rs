@@ -881,3 +881,67 @@ fn the_change_log_hears_of_a_change_before_its_write_returns_and_of_the_commit()
     drop(t);
     close_and_check(r);
 }
+
+/// A partial write to a shared block is laid over the copy (one read, one write of the
+/// block); a failed read of the old block fails the write and changes nothing, and blocks too
+/// large for one buffer take the device's copy and a separate write.
+#[test]
+fn breaking_sharing_merges_the_write_into_the_copy_and_survives_a_failed_read() {
+    use block_io::data::{DataFault, DataOp, FaultyDataDevice};
+    for bs in [64 * KIB, 2048 * KIB] {
+        let geo = DataGeometry::new(bs, 16, 4096).unwrap();
+        let data = Arc::new(FaultyDataDevice::new(geo));
+        let d = data.clone();
+        let meta: Arc<dyn MetaDevice> = Arc::new(MemMetaDevice::new(1024));
+        let cfg = PoolConfig {
+            reserve_blocks: 0,
+            ..PoolConfig::default()
+        };
+        let pool = Pool::format(meta, 16, cfg, move || Ok(d.clone())).unwrap();
+        pool.create_thin(1).unwrap();
+        let t = pool.open_thin(1).unwrap();
+        rt::block_on(async {
+            let (res, _) = t
+                .write(&*data, 0, IoBuf::filled(bs as usize, 1), false)
+                .await;
+            res.unwrap();
+            pool.create_snap(2, 1).await.unwrap();
+            let (reads, copies) = (data.nr_ops(DataOp::Read), data.nr_ops(DataOp::Copy));
+            data.add_fault(DataFault::Nth(DataOp::Read, 1));
+            data.add_fault(DataFault::Nth(DataOp::Copy, 1));
+            let (res, _) = t.write(&*data, 8192, IoBuf::filled(4096, 2), false).await;
+            assert!(res.is_err(), "bs {bs}: the copy's failure fails the write");
+            data.clear_faults();
+            let (res, _) = t.write(&*data, 8192, IoBuf::filled(4096, 2), false).await;
+            res.unwrap();
+            let merged = bs <= 1024 * KIB;
+            assert_eq!(
+                data.nr_ops(DataOp::Copy) - copies,
+                if merged { 0 } else { 2 },
+                "bs {bs}"
+            );
+            assert_eq!(
+                data.nr_ops(DataOp::Read) - reads,
+                if merged { 2 } else { 0 },
+                "bs {bs}"
+            );
+            assert_eq!(pool.status().stats.copies, 1, "bs {bs}");
+            let (res, buf) = t.read(&*data, 0, IoBuf::new(bs as usize)).await;
+            res.unwrap();
+            let want = |i: usize| if (8192..12288).contains(&i) { 2 } else { 1 };
+            assert!(
+                buf.iter().enumerate().all(|(i, &b)| b == want(i)),
+                "bs {bs}"
+            );
+            let snap = pool.open_thin(2).unwrap();
+            let (res, buf) = snap.read(&*data, 0, IoBuf::new(bs as usize)).await;
+            res.unwrap();
+            assert!(
+                buf.iter().all(|&b| b == 1),
+                "bs {bs}: the snapshot keeps its data"
+            );
+        });
+        drop(t);
+        pool.close().unwrap();
+    }
+}
