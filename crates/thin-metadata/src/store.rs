@@ -14,7 +14,37 @@ use crate::space_map::SpaceMap;
 use block_io::MetaDevice;
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
+
+/// Hashes metadata block numbers for the store's maps, which every lookup consults: one
+/// multiply (FxHash's), where std's SipHash costs hundreds of instructions per lookup. Block
+/// numbers come from our own allocator or from the metadata being read; a damaged or hostile
+/// device could at worst make its own lookups slower, which SipHash's key would not prevent
+/// anyway for values that are not secret.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct BlockHasher(u64);
+
+impl Hasher for BlockHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    #[inline]
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A map keyed by metadata block number.
+pub(crate) type BlockMap<V> = HashMap<u64, V, BuildHasherDefault<BlockHasher>>;
 
 /// Default number of clean nodes kept in memory (64 MiB of 4 KiB nodes).
 pub const DEFAULT_CACHE_NODES: usize = 16384;
@@ -23,7 +53,7 @@ pub const DEFAULT_CACHE_NODES: usize = 16384;
 /// and when the cache is over capacity the oldest eighth is dropped in one pass.
 #[derive(Debug)]
 struct NodeCache {
-    map: HashMap<u64, (Arc<Node>, u64)>,
+    map: BlockMap<(Arc<Node>, u64)>,
     clock: u64,
     capacity: usize,
 }
@@ -65,9 +95,9 @@ pub(crate) struct Store {
     pub dev: Arc<dyn MetaDevice>,
     cache: Box<[CacheShard]>,
     /// Nodes written in the current transaction (all in blocks allocated in it).
-    pub dirty: HashMap<u64, Arc<Node>>,
+    pub dirty: BlockMap<Arc<Node>>,
     /// Nodes of a commit whose writes are not yet durable.
-    pub committing: HashMap<u64, Arc<Node>>,
+    pub committing: BlockMap<Arc<Node>>,
     pub meta_sm: SpaceMap,
     pub data_sm: SpaceMap,
     /// Metadata blocks ordinary allocations leave free so that a commit can always finish.
@@ -83,14 +113,14 @@ impl Store {
             cache: (0..CACHE_SHARDS)
                 .map(|_| {
                     CacheShard(Mutex::new(NodeCache {
-                        map: HashMap::new(),
+                        map: BlockMap::default(),
                         clock: 0,
                         capacity: DEFAULT_CACHE_NODES / CACHE_SHARDS,
                     }))
                 })
                 .collect(),
-            dirty: HashMap::new(),
-            committing: HashMap::new(),
+            dirty: BlockMap::default(),
+            committing: BlockMap::default(),
             meta_sm,
             data_sm,
             meta_reserve: 0,

@@ -166,6 +166,17 @@ impl ThinMetadata {
         }
     }
 
+    /// The data block `vblock` of `thin` maps to, if any: `lookup` for readers, who need not
+    /// know whether the block is shared, so no space map is consulted.
+    pub fn lookup_data_block(&self, thin: ThinId, vblock: VBlock) -> Result<Option<DataBlock>> {
+        let inner = self.inner.read();
+        let t = inner.thin(thin)?;
+        Ok(
+            btree::lookup_value(&inner.store, t.root, vblock.0, TreeKind::MappingBottom)?
+                .map(|v| DataBlock(unpack_block_time(v.as_u64()).0)),
+        )
+    }
+
     /// `lookup` for a writer deciding whether it may overwrite in place (dm-thin's
     /// `__snapshotted_since`): `shared` is also true when the mapping predates the thin's
     /// latest snapshot. Sharing that ended in the current transaction (the other thin broke

@@ -224,12 +224,12 @@ impl Thin {
             .prison
             .shared(Key::virt(self.id, p.vblock), Access::Read)
             .await;
-        match s.meta.lookup(ThinId(self.id), VBlock(p.vblock)) {
-            Ok(Lookup::Unprovisioned) => {
+        match s.meta.lookup_data_block(ThinId(self.id), VBlock(p.vblock)) {
+            Ok(None) => {
                 buf.fill(0);
                 (Ok(()), buf)
             }
-            Ok(Lookup::Provisioned { data_block, .. }) => {
+            Ok(Some(data_block)) => {
                 let (r, buf) = dev.read(bd(data_block), p.offset, buf).await;
                 (r.map_err(PoolError::DataIo), buf)
             }

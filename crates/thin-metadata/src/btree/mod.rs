@@ -183,15 +183,41 @@ pub(crate) fn lookup(
     key: u64,
     tree: TreeKind,
 ) -> Result<Option<(Value, bool)>> {
+    descend(s, root, key, tree, true)
+}
+
+/// `lookup` without the sharing test: the value only, for readers, who need not know
+/// whether the path or the block is shared (no space map is consulted).
+pub(crate) fn lookup_value(
+    s: &Store,
+    root: u64,
+    key: u64,
+    tree: TreeKind,
+) -> Result<Option<Value>> {
+    Ok(descend(s, root, key, tree, false)?.map(|(v, _)| v))
+}
+
+/// Walks from `root` to the leaf that would hold `key`; `shared` (if `want_shared`) is
+/// whether any node on the way has more than one reference. The path is kept on the stack
+/// for error reports: a lookup allocates nothing.
+fn descend(
+    s: &Store,
+    root: u64,
+    key: u64,
+    tree: TreeKind,
+    want_shared: bool,
+) -> Result<Option<(Value, bool)>> {
     let mut b = root;
     let mut shared = false;
-    let mut path = Vec::new();
-    for _ in 0..MAX_HEIGHT {
+    let mut path = [0u64; MAX_HEIGHT];
+    for depth in 0..MAX_HEIGHT {
         let node = s
             .read_node(b, tree.value_size())
-            .map_err(|e| with_path(e, &path))?;
-        shared |= s.meta_sm.get(b) > 1;
-        path.push(b);
+            .map_err(|e| with_path(e, &path[..depth]))?;
+        if want_shared {
+            shared |= s.meta_sm.get(b) > 1;
+        }
+        path[depth] = b;
         match node.kind {
             NodeKind::Leaf => {
                 return Ok(node
